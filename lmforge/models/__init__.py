@@ -1,0 +1,6 @@
+from lmforge.models.checkpoint import load_model, save_model
+from lmforge.models.config import Config
+from lmforge.models.generate import generate, generate_stream
+from lmforge.models.model import KVCache, Transformer
+
+__all__ = ["Config", "Transformer", "KVCache", "load_model", "save_model", "generate", "generate_stream"]

@@ -1,0 +1,297 @@
+"""Hugging Face checkpoints in and out: config.json + (sharded) safetensors.
+
+Each architecture's tensor names are data: ``weight_map(config)`` lists, for every tensor in the
+HF checkpoint, which of our parameters it holds (several when the checkpoint fuses them, e.g.
+Phi-3's qkv_proj) and whether it is stored transposed (GPT-2's Conv1D).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_directory, atomic_file
+from lmforge.models.config import Config
+from lmforge.models.model import Transformer
+
+# Buffers some checkpoints carry that hold no weights (recomputed at run time).
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    hf: str
+    ours: tuple[str, ...]  # concatenated along dim 0 in the checkpoint when several
+    transpose: bool = False
+
+
+def weight_map(config: Config) -> list[TensorMap]:
+    maps: list[TensorMap] = []
+
+    def add(hf: str, *ours: str, transpose: bool = False) -> None:
+        maps.append(TensorMap(hf, tuple(ours), transpose))
+
+    def norm(hf: str, ours: str) -> None:
+        add(f"{hf}.weight", f"{ours}.weight")
+        if config.norm == "layernorm":
+            add(f"{hf}.bias", f"{ours}.bias")
+
+    def linear(hf: str, *ours: str, bias: bool, transpose: bool = False) -> None:
+        add(f"{hf}.weight", *(f"{o}.weight" for o in ours), transpose=transpose)
+        if bias:
+            add(f"{hf}.bias", *(f"{o}.bias" for o in ours))
+
+    kind = config.model_type
+    for i in range(config.num_layers):
+        us = f"model.layers.{i}"
+        attn, mlp = f"{us}.self_attn", f"{us}.mlp"
+        qkv = (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj")
+        if kind == "gpt2":
+            hf = f"transformer.h.{i}"
+            norm(f"{hf}.ln_1", f"{us}.attn_norm")
+            linear(f"{hf}.attn.c_attn", *qkv, bias=True, transpose=True)
+            linear(f"{hf}.attn.c_proj", f"{attn}.o_proj", bias=True, transpose=True)
+            norm(f"{hf}.ln_2", f"{us}.mlp_norm")
+            linear(f"{hf}.mlp.c_fc", f"{mlp}.up_proj", bias=True, transpose=True)
+            linear(f"{hf}.mlp.c_proj", f"{mlp}.down_proj", bias=True, transpose=True)
+            continue
+        if kind == "openelm":
+            hf = f"transformer.layers.{i}"
+            norm(f"{hf}.attn_norm", f"{us}.attn_norm")
+            linear(f"{hf}.attn.qkv_proj", *qkv, bias=False)
+            norm(f"{hf}.attn.q_norm", f"{attn}.q_norm")
+            norm(f"{hf}.attn.k_norm", f"{attn}.k_norm")
+            linear(f"{hf}.attn.out_proj", f"{attn}.o_proj", bias=False)
+            norm(f"{hf}.ffn_norm", f"{us}.mlp_norm")
+            linear(f"{hf}.ffn.proj_1", f"{mlp}.gate_proj", f"{mlp}.up_proj", bias=False)
+            linear(f"{hf}.ffn.proj_2", f"{mlp}.down_proj", bias=False)
+            continue
+        hf = f"model.layers.{i}"
+        norm(f"{hf}.input_layernorm", f"{us}.attn_norm")
+        if kind == "gemma2":
+            norm(f"{hf}.post_attention_layernorm", f"{us}.attn_out_norm")
+            norm(f"{hf}.pre_feedforward_layernorm", f"{us}.mlp_norm")
+            norm(f"{hf}.post_feedforward_layernorm", f"{us}.mlp_out_norm")
+        else:
+            norm(f"{hf}.post_attention_layernorm", f"{us}.mlp_norm")
+        if kind == "phi3":
+            linear(f"{hf}.self_attn.qkv_proj", *qkv, bias=False)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                linear(f"{hf}.self_attn.{name}", f"{attn}.{name}", bias=config.attention_bias)
+        linear(f"{hf}.self_attn.o_proj", f"{attn}.o_proj", bias=config.attention_out_bias)
+        if config.num_experts:
+            add(f"{hf}.block_sparse_moe.gate.weight", f"{mlp}.gate.weight")
+            for e in range(config.num_experts):
+                ex, ours = f"{hf}.block_sparse_moe.experts.{e}", f"{mlp}.experts.{e}"
+                add(f"{ex}.w1.weight", f"{ours}.gate_proj.weight")
+                add(f"{ex}.w2.weight", f"{ours}.down_proj.weight")
+                add(f"{ex}.w3.weight", f"{ours}.up_proj.weight")
+        elif kind == "phi3":
+            linear(f"{hf}.mlp.gate_up_proj", f"{mlp}.gate_proj", f"{mlp}.up_proj", bias=False)
+            linear(f"{hf}.mlp.down_proj", f"{mlp}.down_proj", bias=False)
+        else:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear(f"{hf}.mlp.{name}", f"{mlp}.{name}", bias=config.mlp_bias)
+
+    if kind == "gpt2":
+        add("transformer.wte.weight", "model.embed_tokens.weight")
+        add("transformer.wpe.weight", "model.embed_positions.weight")
+        norm("transformer.ln_f", "model.norm")
+    elif kind == "openelm":
+        add("transformer.token_embeddings.weight", "model.embed_tokens.weight")
+        norm("transformer.norm", "model.norm")
+    else:
+        add("model.embed_tokens.weight", "model.embed_tokens.weight")
+        norm("model.norm", "model.norm")
+    if not config.tie_embeddings:
+        add("lm_head.weight", "lm_head.weight")
+    return maps
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    try:
+        return Config.from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+
+
+class _TensorSource:
+    """Tensor name -> file for a single or sharded safetensors checkpoint; opens files lazily."""
+
+    def __init__(self, path: Path) -> None:
+        index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_files = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is malformed: {e}") from None
+            self.files = {name: path / fname for name, fname in weight_files.items()}
+            for f in set(self.files.values()):
+                if not f.is_file():
+                    raise CheckpointError(f"{index} names the shard {f.name}, which does not exist in {path}")
+        elif single.is_file():
+            self.files = {name: single for name in self._keys(single)}
+        else:
+            other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = (f" It has {', '.join(sorted(other))}: lmforge reads only safetensors (pickled weights "
+                    "can run code when loaded); convert them first.") if other else ""
+            raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json.{hint}")
+        self._open: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(file: Path) -> list[str]:
+        try:
+            with safe_open(file, "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        try:
+            if file not in self._open:
+                self._open[file] = safe_open(file, "pt")
+            return self._open[file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({e}); the file may be truncated or corrupt") from None
+
+
+def _normalise_names(config: Config, names: set[str]) -> dict[str, str]:
+    """Map canonical HF names to the names in this file (GPT-2 files may lack 'transformer.')."""
+    out = {n: n for n in names}
+    if config.model_type == "gpt2":
+        out.update({f"transformer.{n}": n for n in names if not n.startswith(("transformer.", "lm_head."))})
+    return out
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Transformer:
+    """Load a local Hugging Face model directory (config.json + safetensors) into our Transformer."""
+    path = Path(path)
+    config = read_config(path)
+    source = _TensorSource(path)
+    names = _normalise_names(config, source.names())
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for tm in weight_map(config):
+        if tm.hf not in names:
+            raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for {config.model_type} "
+                                  f"with {config.num_layers} layers)")
+        tensor = source.get(names[tm.hf])
+        used.add(names[tm.hf])
+        if tm.transpose:
+            tensor = tensor.t()
+        sizes = [expected[o].shape[0] for o in tm.ours]
+        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
+        if tuple(tensor.shape) != tuple(want):
+            raise CheckpointError(f"{path}: tensor {tm.hf} has shape {list(tensor.shape)}, "
+                                  f"expected {list(want)} from config.json")
+        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
+            state[ours] = part.to(dtype=dtype, device=device).contiguous()
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        used |= {n for n in ("lm_head.weight",) if n in names}
+    unexpected = sorted(n for n in set(names.values()) - used if not _IGNORED.match(n))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: unexpected tensors for {config.model_type}: "
+                              f"{', '.join(unexpected[:5])}{more}; is config.json for this checkpoint?")
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ConfigError(f"bad shard size {size!r}; use bytes or e.g. '2GB', '500MB'")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our parameters under the HF checkpoint's names and layouts."""
+    ours = model.state_dict()
+    out = {}
+    for tm in weight_map(model.config):
+        t = torch.cat([ours[o] for o in tm.ours], dim=0) if len(tm.ours) > 1 else ours[tm.ours[0]]
+        if tm.transpose:
+            t = t.t()
+        out[tm.hf] = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+    return out
+
+
+def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "2GB",
+               dtype: torch.dtype | None = None, tokenizer: object | None = None) -> Path:
+    """Write an HF-format directory (config.json + safetensors, sharded past ``max_shard_size``).
+
+    The directory is written beside ``path`` and renamed into place, so ``path`` is always either
+    the old or the new complete checkpoint.
+    """
+    path = Path(path)
+    state = hf_state_dict(model, dtype)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    hf_config = model.config.to_hf()
+    saved_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = hf_config["dtype"] = saved_dtype
+    with atomic_directory(path) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {}}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                index["weight_map"].update({name: fname for name in shard})
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(model.config, k) is not None}
+        if gen:
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
+
+
+__all__ = ["load_model", "save_model", "read_config", "weight_map", "hf_state_dict", "atomic_file"]

@@ -1,0 +1,435 @@
+"""The decoder: every supported architecture is this one file driven by ``Config``.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.models.config import Config
+
+
+# ---- building blocks -------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        # Gemma stores w and applies (1 + w): zeros init means identity there.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as the reference implementations do; bf16 variance is too coarse.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)
+
+
+def make_norm(config: Config, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    return F.relu(x)
+
+
+def rope_inv_freq(config: Config, seq_len: int = 0) -> tuple[Tensor, float]:
+    """Inverse frequencies for RoPE and the attention scaling factor applied to cos/sin."""
+    dim, theta = config.rotary_dim, config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3":  # Llama 3.1: stretch low frequencies, keep high ones, blend in between
+        factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "longrope":  # Phi-3 long context: per-dimension factors, long ones past the original length
+        old_len = int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+        factors = scaling["long_factor"] if seq_len > old_len else scaling["short_factor"]
+        ext = torch.tensor(factors, dtype=torch.float32)
+        inv_freq = 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        factor = scaling.get("factor") or config.max_position_embeddings / old_len
+        attn_factor = scaling.get("attention_factor")
+        if attn_factor is None:
+            attn_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+        return inv_freq, float(attn_factor)
+    return inv_freq, 1.0
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]. Partial rotary leaves the tail untouched."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+class KVCache:
+    """Static, preallocated per-layer keys/values for incremental decoding (gpt-fast style).
+
+    ``valid[b, s]`` says whether slot s of row b holds a real token (left padding does not), and
+    ``next_position[b]`` is the RoPE position the next real token of row b gets.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        self.max_len, self.length = max_len, 0
+        self.keys = [torch.zeros(batch_size, config.kv_heads(i), max_len, config.head_dim, device=device, dtype=dtype)
+                     for i in range(config.num_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.has_padding = False
+
+    def reserve(self, attention_mask: Tensor) -> tuple[int, Tensor]:
+        """Claim slots for T new tokens; return (start slot, their positions [B, T])."""
+        start, t = self.length, attention_mask.shape[1]
+        if start + t > self.max_len:
+            raise ValueError(f"KV cache full: {start} cached + {t} new tokens > capacity {self.max_len}")
+        mask = attention_mask.bool()
+        self.valid[:, start:start + t] = mask
+        positions = self.next_position[:, None] + mask.long().cumsum(-1) - 1
+        self.next_position += mask.long().sum(-1)
+        self.has_padding = self.has_padding or not bool(mask.all())
+        self.length = start + t
+        return start, positions.clamp_(min=0)
+
+    def crop(self, length: int) -> None:
+        """Forget everything after ``length`` slots (e.g. rejected speculative tokens)."""
+        if length < self.length:
+            dropped = self.valid[:, length:self.length].long().sum(-1)
+            self.next_position -= dropped
+            self.valid[:, length:self.length] = False
+            self.length = length
+
+
+def build_attention_mask(valid: Tensor, start: int, t: int, window: int | None) -> Tensor:
+    """Boolean mask [B, 1, T, S] (True = may attend) over slots 0..S-1, S = start + t."""
+    s = start + t
+    q = torch.arange(start, s, device=valid.device)[:, None]
+    k = torch.arange(s, device=valid.device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    mask = allowed[None] & valid[:, None, :s]
+    # A padding query would attend to nothing (NaN in softmax); let it see itself, its output is unused.
+    mask = mask | (q == k)[None]
+    return mask[:, None]
+
+
+# ---- attention and MLP ---------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.heads(layer), config.kv_heads(layer), d
+        self.window = config.window(layer)
+        self.scale = config.attention_scale or d ** -0.5
+        self.softcap = config.attn_logit_softcap
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_out_bias)
+        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: "ForwardContext",
+                layer: int) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None:
+            end = ctx.start + t
+            ctx.cache.keys[layer][:, :, ctx.start:end] = k
+            ctx.cache.values[layer][:, :, ctx.start:end] = v
+            k, v = ctx.cache.keys[layer][:, :, :end], ctx.cache.values[layer][:, :, :end]
+        mask = ctx.mask_for(self.window)
+        if self.softcap is not None:
+            y = self._softcapped_attention(q, k, v, mask)
+        else:
+            causal = mask is None and ctx.start == 0 and t > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _softcapped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Gemma 2: scores = cap * tanh(scores / cap) before the mask; SDPA has no hook for that."""
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:
+            t, s = q.shape[2], k.shape[2]
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config, ffn_size: int) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.act, self.gated = config.activation, config.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(h, ffn_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, ffn_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(ffn_size, h, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activation(self.act, self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts (Mixtral): route each token to its top-k experts, weights renormalised."""
+
+    def __init__(self, config: Config, ffn_size: int) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, ffn_size) for _ in range(config.num_experts))
+
+    def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        if ctx.router_logits is not None:
+            ctx.router_logits.append(router_logits)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen == e)
+            if token_idx.numel():
+                out.index_add_(0, token_idx, expert(x[token_idx]) * weights[token_idx, slot, None])
+        return out.view(shape)
+
+
+def load_balancing_loss(router_logits: list[Tensor], top_k: int, attention_mask: Tensor | None = None) -> Tensor:
+    """Switch-Transformer auxiliary loss: E * sum_e (fraction of tokens routed to e) * (mean router prob of e).
+
+    ``router_logits``: one [N, E] tensor per MoE layer (N = B*T tokens); padding tokens are excluded.
+    Perfectly balanced routing gives ``top_k``; collapse onto k experts gives ``E``.
+    """
+    logits = torch.cat(router_logits, dim=0)
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    routed = F.one_hot(chosen, num_experts).float()  # [L*N, k, E]
+    if attention_mask is None:
+        tokens_per_expert = routed.mean(0)
+        prob_per_expert = probs.mean(0)
+    else:
+        w = attention_mask.reshape(-1).float().repeat(len(router_logits))  # [L*N]
+        tokens_per_expert = (routed * w[:, None, None]).sum(0) / w.sum()
+        prob_per_expert = (probs * w[:, None]).sum(0) / w.sum()
+    return num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = make_norm(config)
+        self.self_attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MoE(config, config.ffn_size(layer)) if config.num_experts else MLP(config, config.ffn_size(layer))
+        # Gemma 2 "sandwich" norms on each sub-block's output.
+        self.attn_out_norm = make_norm(config) if config.post_norms else None
+        self.mlp_out_norm = make_norm(config) if config.post_norms else None
+
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: "ForwardContext") -> Tensor:
+        h = self.self_attn(self.attn_norm(x), cos, sin, ctx, self.layer)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x), ctx) if isinstance(self.mlp, MoE) else self.mlp(self.mlp_norm(x))
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        return x + h
+
+
+class ForwardContext:
+    """Per-call state shared by all layers: cache slot offset and masks (built once per window size)."""
+
+    def __init__(self, cache: KVCache | None, start: int, t: int, valid: Tensor | None, padded: bool,
+                 collect_router_logits: bool) -> None:
+        self.cache, self.start, self.t, self.valid, self.padded = cache, start, t, valid, padded
+        self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
+        self._masks: dict[int | None, Tensor | None] = {}
+
+    def mask_for(self, window: int | None) -> Tensor | None:
+        """None when plain causal attention is exact (lets SDPA take its fastest path)."""
+        if window is not None and self.start + self.t <= window:
+            window = None  # the window cannot bite yet
+        if window not in self._masks:
+            if not self.padded and window is None and (self.start == 0 or self.t == 1):
+                self._masks[window] = None
+            else:
+                self._masks[window] = build_attention_mask(self.valid, self.start, self.t, window)
+        return self._masks[window]
+
+
+# ---- the model -------------------------------------------------------------------------------------
+class Backbone(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.position_embedding == "learned" else None)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``model(input_ids, attention_mask)`` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.last_router_logits: list[Tensor] | None = None
+        self._rope_cache: dict[tuple, tuple[Tensor, float]] = {}
+
+    # -- helpers --
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
+        """Fresh random weights (normal(0, std) linears/embeddings, unit norms), e.g. for pretraining."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = torch.empty(module.weight.shape).normal_(0.0, std, generator=gen)
+                with torch.no_grad():
+                    module.weight.copy_(w)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                with torch.no_grad():
+                    if isinstance(module, RMSNorm) and module.unit_offset:
+                        module.weight.zero_()
+                    else:
+                        module.weight.fill_(1.0)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+        return self
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        max_len = max_len or self.config.max_position_embeddings
+        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        max_pos = int(positions.max()) + 1 if positions.numel() else 1
+        key = (positions.device, max_pos > int((self.config.rope_scaling or {}).get(
+            "original_max_position_embeddings") or self.config.max_position_embeddings))
+        if key not in self._rope_cache:
+            inv_freq, attn_factor = rope_inv_freq(self.config, max_pos)
+            self._rope_cache[key] = (inv_freq.to(positions.device), attn_factor)
+        inv_freq, attn_factor = self._rope_cache[key]
+        freqs = positions[:, :, None].float() * inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                position_ids: Tensor | None = None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> Tensor:
+        """Logits [B, T, vocab] (or the last ``logits_to_keep`` positions; hidden states if return_hidden).
+
+        ``attention_mask`` [B, T]: 1 for real tokens, 0 for padding (left padding for generation).
+        With ``cache``, the tokens are appended to it and attend to everything cached before.
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=input_ids.device)
+        if cache is not None:
+            start, positions = cache.reserve(attention_mask)
+            valid, padded = cache.valid, cache.has_padding
+        else:
+            start = 0
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+            valid, padded = attention_mask.bool(), not bool(attention_mask.all())
+        if position_ids is not None:
+            positions = position_ids
+        cfg = self.config
+        ctx = ForwardContext(cache, start, t, valid, padded, collect_router_logits=cfg.num_experts > 0)
+
+        x = self.model.embed_tokens(input_ids)
+        if cfg.embedding_multiplier != 1.0:
+            # Gemma casts the multiplier to the activation dtype first; bf16 sqrt(2304) = 48.0, not 48.0000..
+            x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
+        cos = sin = None
+        if self.model.embed_positions is not None:
+            x = x + self.model.embed_positions(positions)
+        else:
+            cos, sin = self._rope(positions, x.dtype)
+
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, ctx)
+        self.last_router_logits = ctx.router_logits
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if cfg.final_logit_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
+
+    def aux_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:
+        """Router load-balancing loss of the last forward (MoE models), already scaled by its coefficient."""
+        if not self.last_router_logits:
+            return None
+        loss = load_balancing_loss(self.last_router_logits, self.config.num_experts_per_tok, attention_mask)
+        return self.config.router_aux_loss_coef * loss
