@@ -11,7 +11,7 @@ $(BIN)/python:
 # torch==2.13.0 first: a CPU wheel that is on disk here. The package itself only asks for torch>=2.5.
 setup: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 
 quickstart: setup
