@@ -13,6 +13,10 @@ from lmforge.errors import CheckpointError
 from lmforge.models.checkpoint import _TensorSource, read_config
 
 
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "B"):
         if abs(n) < 1000:
@@ -44,7 +48,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     info: dict[str, Any] = {
         "architecture": f"{arch} ({config.model_type})",
         "parameters": f"{_human(params)} ({params:,}; {_human(config.num_params(include_embeddings=False))} non-embedding)",
-        "dtype": ", ".join(f"{d.lower()}" for d, _ in dtypes.most_common()),
+        "dtype": ", ".join(_DTYPE_NAMES.get(d, d.lower()) for d, _ in dtypes.most_common()),
         "context_length": config.max_position_embeddings,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
