@@ -1,0 +1,108 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+Layout of ``<run>/checkpoints/step-00000100/``:
+  model/             HF-format model (config.json + safetensors + tokenizer), loadable by transformers;
+                     with LoRA this is the merged model and ``adapter/`` holds the PEFT adapter
+  trainable.safetensors  the trainable parameters exactly as trained (LoRA runs; small)
+  optimizer.pt       optimizer and LR-scheduler state dicts (tensors and numbers only)
+  state.json         step, tokens seen, RNG seed state, recipe
+``<run>/checkpoints/latest`` names the newest complete checkpoint. A checkpoint directory is built
+beside its final name and renamed into place, and ``latest`` is replaced only after that, so a crash
+mid-save leaves the previous checkpoint as "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import CheckpointError
+from lmforge.io import atomic_directory, atomic_file
+
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(run_dir: str | Path, step: int, *, write_model, trainable: dict[str, torch.Tensor] | None,
+                     optimizer_state: dict[str, Any], state: dict[str, Any], keep: int = 2) -> Path:
+    """Write one checkpoint; ``write_model(dir)`` writes the HF model (and adapter) into ``dir``."""
+    final = step_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(final) as tmp:
+        write_model(tmp)
+        if trainable is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+    with atomic_file(checkpoint_root(run_dir) / LATEST, "w") as f:
+        f.write(final.name + "\n")
+    _prune(run_dir, keep, protect=final)
+    return final
+
+
+def _prune(run_dir: str | Path, keep: int, protect: Path) -> None:
+    done = sorted(p for p in checkpoint_root(run_dir).glob("step-*") if p.is_dir() and "." not in p.name)
+    for old in done[:-keep]:
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist; the run directory is damaged")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(state.json, optimizer state, trainable tensors or None), with clear errors for damaged files."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'state.json'} is corrupt: {e}") from None
+    try:
+        # weights_only: tensors, numbers and containers only; never arbitrary pickled objects.
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no optimizer.pt; cannot resume exactly") from None
+    except Exception as e:  # torch raises several types for truncated/corrupt archives
+        raise CheckpointError(f"{path / 'optimizer.pt'} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    trainable = None
+    if (path / "trainable.safetensors").is_file():
+        try:
+            trainable = load_file(path / "trainable.safetensors")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / 'trainable.safetensors'} is corrupt ({e})") from None
+    return state, optimizer, trainable

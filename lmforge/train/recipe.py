@@ -1,0 +1,222 @@
+"""Training recipes: YAML files that fill typed dataclasses, with ``key.sub=value`` command-line overrides.
+
+A recipe field that does not exist or has the wrong type is an error that names the field, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class ModelSpec:
+    path: str | None = None  # an HF directory to start from
+    config: dict[str, Any] | None = None  # or an HF-style config.json dict to build a fresh model from
+    init_std: float = 0.02
+
+
+@dataclass
+class DataSpec:
+    train: list[str] = field(default_factory=list)  # files or directories (txt/md/py, jsonl, parquet)
+    val: list[str] = field(default_factory=list)  # empty: hold out val_fraction of the training documents
+    val_fraction: float = 0.02
+    text_field: str = "text"
+    glob: str = "**/*"
+    cache_dir: str | None = None  # token cache; default <out_dir>/../token_cache
+    seq_len: int = 256
+    max_docs: int | None = None  # cap on documents read (quick experiments)
+    truncate: bool = True  # SFT: truncate conversations longer than seq_len (counted) instead of failing
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    fused: bool | None = None  # None: fused AdamW where torch supports it
+
+
+@dataclass
+class LoraSpec:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_dora: bool = False
+
+
+@dataclass
+class DistillSpec:
+    teacher: str | None = None  # an HF directory; enables the distillation objective
+    temperature: float = 2.0
+    kd_weight: float = 0.5  # weight of KL(teacher || student); 1 - kd_weight goes to cross-entropy
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["pretrain", "sft"] = "pretrain"
+    out_dir: str = "runs/run"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: str | None = None  # default: the model directory
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1
+    max_steps: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that support it
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun with more than one process
+    log_every: int = 1
+    eval_every: int = 50  # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 2
+    plot: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"recipe field '{name}' {msg}")
+
+        need(self.model.path is not None or self.model.config is not None, "model",
+             "needs 'path' (an HF directory) or 'config' (an HF config dict)")
+        need(not (self.model.path and self.model.config), "model", "takes either 'path' or 'config', not both")
+        need(bool(self.data.train), "data.train", "must list at least one file or directory")
+        need(self.data.seq_len > 1, "data.seq_len", f"must be > 1, got {self.data.seq_len}")
+        need(0 <= self.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+        need(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        need(self.grad_accum > 0, "grad_accum", f"must be positive, got {self.grad_accum}")
+        need(self.max_steps > 0, "max_steps", f"must be positive, got {self.max_steps}")
+        need(self.optim.lr > 0, "optim.lr", f"must be positive, got {self.optim.lr}")
+        need(0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        need(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        need(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
+             "must be two numbers in [0, 1)")
+        need(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.lora.r > 0, "lora.r", f"must be positive, got {self.lora.r}")
+        need(self.lora.alpha > 0, "lora.alpha", "must be positive")
+        need(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        need(self.distill.temperature > 0, "distill.temperature", "must be positive")
+        need(0 <= self.distill.kd_weight <= 1, "distill.kd_weight", "must be in [0, 1]")
+
+
+# ---- typed loading ---------------------------------------------------------------------------------
+def _check(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check(value, option, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"recipe field '{name}' must be null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"recipe field '{name}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"recipe field '{name}' must be a mapping, got {value!r}")
+        return _build(tp, value, name + ".")
+    if origin is list:
+        if isinstance(value, str) and typing.get_args(tp)[0] is str:
+            value = [value]  # a single path is a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"recipe field '{name}' must be a list, got {value!r}")
+        return [_check(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"recipe field '{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"recipe field '{name}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown recipe field '{prefix}{unknown[0]}'; "
+                          f"{prefix.rstrip('.') or 'the top level'} has: {', '.join(sorted(names))}")
+    return cls(**{k: _check(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a mapping")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML recipe (or none), apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    tree: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of fields, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(tree, key.strip(), value)
+    config = _build(TrainConfig, tree)
+    config.validate()
+    return config
+
+
+def recipe_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

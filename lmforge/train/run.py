@@ -1,0 +1,105 @@
+"""From a recipe to a ready Trainer: tokenizer, model (loaded or fresh), LoRA, teacher, datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.config import Config
+from lmforge.models.model import Transformer
+from lmforge.train.recipe import TrainConfig
+from lmforge.train.trainer import Data, Trainer
+
+
+def build_model(cfg: TrainConfig) -> Transformer:
+    from lmforge.models.checkpoint import load_model
+
+    if cfg.model.path:
+        return load_model(cfg.model.path, dtype=torch.float32)
+    config = Config.from_hf(dict(cfg.model.config or {}))
+    torch.manual_seed(cfg.seed)
+    return Transformer(config).init_weights(std=cfg.model.init_std, seed=cfg.seed)
+
+
+def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None) -> Data:
+    if cfg.task == "pretrain":
+        from lmforge.data.pretrain import PackedDataset, build_token_cache
+
+        cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir).parent / "token_cache")
+        # Rank 0 tokenizes; the others wait, then find the finished cache.
+        if rank == 0:
+            caches = build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
+                                       val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                                       glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+        barrier()
+        if rank != 0:
+            caches = build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
+                                       val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                                       glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+        train = PackedDataset(caches.train, cfg.data.seq_len)
+        val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
+        desc = f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
+    else:
+        from lmforge.data.sft import SFTDataset, read_chat_jsonl
+
+        conversations = [c for path in cfg.data.train for c in read_chat_jsonl(path)]
+        if cfg.data.val:
+            val_conv = [c for path in cfg.data.val for c in read_chat_jsonl(path)]
+        else:
+            n_val = int(len(conversations) * cfg.data.val_fraction)
+            conversations, val_conv = conversations[n_val:], conversations[:n_val]
+        train = SFTDataset(conversations, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate)
+        val = SFTDataset(val_conv, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate) if val_conv else None
+        desc = f"{len(train):,} conversations (loss on assistant tokens only)"
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return Data(train=train, val=val, pad_id=int(pad if pad is not None else 0), describe=desc)
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok_path = cfg.tokenizer or cfg.model.path
+    if tok_path is None:
+        raise ConfigError("recipe field 'tokenizer' is needed when the model is built from a config")
+    tokenizer = load_tokenizer(tok_path)
+    model = build_model(cfg)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                           f"{model.config.vocab_size}")
+    if cfg.data.seq_len > model.config.max_position_embeddings:
+        raise ConfigError(f"recipe field 'data.seq_len' ({cfg.data.seq_len}) exceeds the model's context "
+                          f"length ({model.config.max_position_embeddings})")
+    lora = None
+    if cfg.lora.enabled:
+        from lmforge.train.lora import LoraConfig, apply_lora
+
+        lora = LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                          target_modules=tuple(cfg.lora.target_modules), use_dora=cfg.lora.use_dora)
+        apply_lora(model, lora)
+    teacher = None
+    if cfg.distill.teacher:
+        from lmforge.models.checkpoint import load_model
+
+        teacher = load_model(cfg.distill.teacher, dtype=torch.float32)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"distill.teacher has vocabulary {teacher.config.vocab_size}, the student "
+                              f"{model.config.vocab_size}; distillation needs a shared tokenizer")
+    import os
+
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    trainer_probe = {}
+
+    def barrier() -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from lmforge.train.trainer import pick_device, setup_distributed
+
+        trainer_probe["dist"] = setup_distributed(pick_device(cfg.device))
+    data = build_data(cfg, tokenizer, rank=rank, barrier=barrier)
+    return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
