@@ -227,6 +227,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, model = self.cfg, self.wrapped
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise LmforgeError("nothing to train: every parameter of the model is frozen")
         model.train()
         batches = micro_batches(self.data, self.sampler, self.step, cfg.grad_accum)
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
