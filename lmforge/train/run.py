@@ -86,20 +86,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError(f"distill.teacher has vocabulary {teacher.config.vocab_size}, the student "
                               f"{model.config.vocab_size}; distillation needs a shared tokenizer")
-    import os
+    from lmforge.train.trainer import pick_device, setup_distributed
 
-    import torch.distributed as dist
-
-    rank = int(os.environ.get("RANK", "0"))
-    trainer_probe = {}
-
-    def barrier() -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from lmforge.train.trainer import pick_device, setup_distributed
-
-        trainer_probe["dist"] = setup_distributed(pick_device(cfg.device))
-    data = build_data(cfg, tokenizer, rank=rank, barrier=barrier)
+    # Under torchrun, join the process group now so rank 0 can build the token cache while the others wait.
+    procs = setup_distributed(pick_device(cfg.device))
+    data = build_data(cfg, tokenizer, rank=procs.rank, barrier=procs.barrier)
     return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)

@@ -453,7 +453,8 @@ class Trainer:
         if val_loss is not None:
             metrics.write({"step": self.step, "val_loss": round(val_loss, 6),
                            "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
-        last_saved = self.save() if last_saved is None or self.step % max(cfg.save_every, 1) else last_saved
+        if last_saved is None or last_saved.name != ckpt.step_dir(self.run_dir, self.step).name:
+            last_saved = self.save()
         if self.dist.main and cfg.plot:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return TrainResult(self.run_dir, last_saved, losses, val_loss, self.step)
