@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -30,15 +31,28 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+_COMPILED: "weakref.WeakKeyDictionary[Transformer, Callable]" = weakref.WeakKeyDictionary()
+COMPILE_BUCKET = 256  # compiled decoding rounds the cache length up to this, so few lengths get traced
+
+
+def compiled_decode_core(model: Transformer) -> Callable:
+    """``model._decode_core`` under ``torch.compile`` (Inductor, no CUDA graphs), built once per model."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model._decode_core, dynamic=False)
+    return _COMPILED[model]
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None,
                     max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, eos_ids: set[int] | list[int] | None = None,
-                    seed: int | None = None) -> Iterator[Tensor]:
+                    seed: int | None = None, compile: bool = False) -> Iterator[Tensor]:
     """Yield the next token of every row ([B] tensor) per step; stops when all rows hit EOS.
 
     Rows that finished keep yielding their EOS id so shapes stay rectangular.
     ``input_ids`` [B, T] is left-padded where ``attention_mask`` is 0.
+    ``compile``: run the one-token decode step through ``torch.compile`` (the first call per model and cache
+    size pays the compilation; the prompt itself runs eagerly).
     """
     b, t = input_ids.shape
     device = model.device
@@ -54,9 +68,13 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
         generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(sorted(eos_ids or []), device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = model.new_cache(b, t + max_new_tokens)
+    cache_len = t + max_new_tokens
+    core = None
+    if compile:
+        cache_len = -(-cache_len // COMPILE_BUCKET) * COMPILE_BUCKET
+        core = compiled_decode_core(model)
+    cache = model.new_cache(b, cache_len)
     logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
-    ones = torch.ones(b, 1, dtype=attention_mask.dtype, device=device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if eos.numel():
@@ -65,7 +83,7 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
         yield token
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model(token[:, None], ones, cache=cache)[:, -1]
+        logits = model.decode_step(token, cache, core)
 
 
 def generate(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

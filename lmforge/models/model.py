@@ -172,7 +172,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.cache is not None:
+        if ctx.slot is not None:  # decode_step: write at a tensor slot, attend over the whole buffer (masked)
+            ctx.cache.keys[layer].index_copy_(2, ctx.slot, k)
+            ctx.cache.values[layer].index_copy_(2, ctx.slot, v)
+            k, v = ctx.cache.keys[layer], ctx.cache.values[layer]
+        elif ctx.cache is not None:
             end = ctx.start + t
             ctx.cache.keys[layer][:, :, ctx.start:end] = k
             ctx.cache.values[layer][:, :, ctx.start:end] = v
@@ -181,7 +185,7 @@ class Attention(nn.Module):
         if self.softcap is not None:
             y = self._softcapped_attention(q, k, v, mask)
         else:
-            causal = mask is None and ctx.start == 0 and t > 1
+            causal = mask is None and ctx.slot is None and ctx.start == 0 and t > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -290,13 +294,21 @@ class ForwardContext:
     """Per-call state shared by all layers: cache slot offset and masks (built once per window size)."""
 
     def __init__(self, cache: KVCache | None, start: int, t: int, valid: Tensor | None, padded: bool,
-                 collect_router_logits: bool) -> None:
+                 collect_router_logits: bool, slot: Tensor | None = None) -> None:
         self.cache, self.start, self.t, self.valid, self.padded = cache, start, t, valid, padded
+        self.slot = slot  # decode_step: the cache slot as a [1] tensor (start is then unused)
         self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
         self._masks: dict[int | None, Tensor | None] = {}
 
     def mask_for(self, window: int | None) -> Tensor | None:
         """None when plain causal attention is exact (lets SDPA take its fastest path)."""
+        if self.slot is not None:  # one query per row over the whole buffer: its valid slots, within the window
+            if window not in self._masks:
+                allowed = self.valid
+                if window is not None:
+                    allowed = allowed & (torch.arange(allowed.shape[1], device=allowed.device) > self.slot - window)
+                self._masks[window] = allowed[:, None, None, :]
+            return self._masks[window]
         if window is not None and self.start + self.t <= window:
             window = None  # the window cannot bite yet
         if window not in self._masks:
@@ -423,6 +435,38 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         logits = self.lm_head(x)
+        if cfg.final_logit_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
+
+    def decode_step(self, tokens: Tensor, cache: KVCache, core=None) -> Tensor:
+        """Append one token per row (``tokens`` [B]) to ``cache``; logits [B, vocab] for the next token.
+
+        Same result as ``forward(tokens[:, None], cache=cache)[:, -1]``, split in two: the host-side cache
+        bookkeeping here, and ``_decode_core`` whose inputs are tensors of fixed shape (it attends over the
+        whole cache buffer under the ``valid`` mask), so ``torch.compile`` traces it once per cache size.
+        ``core``: a compiled ``_decode_core`` to call instead of the eager one.
+        """
+        ids = tokens[:, None]
+        start, positions = cache.reserve(torch.ones_like(ids))
+        cos = sin = None
+        if self.model.embed_positions is None:
+            cos, sin = self._rope(positions, self.dtype)
+        slot = torch.tensor([start], device=ids.device)
+        return (core or self._decode_core)(ids, positions, cos, sin, slot, cache)
+
+    def _decode_core(self, ids: Tensor, positions: Tensor, cos: Tensor | None, sin: Tensor | None, slot: Tensor,
+                     cache: KVCache) -> Tensor:
+        cfg = self.config
+        ctx = ForwardContext(cache, 0, 1, cache.valid, True, cfg.num_experts > 0, slot=slot)
+        x = self.model.embed_tokens(ids)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
+        if self.model.embed_positions is not None:
+            x = x + self.model.embed_positions(positions)
+        for block in self.model.layers:
+            x = block(x, cos, sin, ctx)
+        logits = self.lm_head(self.model.norm(x[:, -1]))
         if cfg.final_logit_softcap is not None:
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits
