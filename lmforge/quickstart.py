@@ -59,13 +59,16 @@ def _write_corpus(files: list[Path], path: Path) -> None:
                                 "source": file.name}) + "\n")
 
 
-def answer_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
+def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
     """Greedy answers to the user turns, scored by the last number against the reference."""
     import torch
 
     from lmforge.data.synthetic import exact_match_accuracy
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.checkpoint import load_model
     from lmforge.models.generate import generate
 
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)  # its eos ids include <|im_end|>
     completions = []
     model.eval()
     for i in range(0, len(records), batch_size):
@@ -91,7 +94,6 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
 
     from lmforge.data.synthetic import arithmetic_examples, write_jsonl
     from lmforge.data.tokenizer import train_bpe_tokenizer
-    from lmforge.models.checkpoint import load_model
     from lmforge.train.recipe import load_recipe
     from lmforge.train.run import build_trainer
 
@@ -132,7 +134,7 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     test, train = examples[: args.test_size], examples[args.test_size:]
     write_jsonl(train, data_dir / "arithmetic_train.jsonl")
     write_jsonl(test, data_dir / "arithmetic_test.jsonl")
-    acc_before = answer_accuracy(load_model(pretrained), tokenizer, test)
+    acc_before = answer_accuracy(pretrained, test)
     sft_cfg = load_recipe(RECIPES / "quickstart_sft.yaml", [
         f"out_dir={out / 'sft'}", f"model.path={pretrained}", f"tokenizer={out / 'tokenizer'}",
         f"data.train=[{data_dir / 'arithmetic_train.jsonl'}]", f"max_steps={args.sft_steps}", f"seed={args.seed}",
@@ -141,7 +143,7 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     print(f"[4/5] SFT on {sft.data.describe}; held-out accuracy before: {acc_before:.1%}")
     sft_result = sft.fit()
     final = sft_result.final_checkpoint / "model"
-    acc_after = answer_accuracy(load_model(final), tokenizer, test)
+    acc_after = answer_accuracy(final, test)
     print(f"      held-out arithmetic accuracy: {acc_before:.1%} -> {acc_after:.1%}")
 
     # 5. summary

@@ -13,12 +13,23 @@ from lmforge.train.recipe import TrainConfig
 from lmforge.train.trainer import Data, Trainer
 
 
-def build_model(cfg: TrainConfig) -> Transformer:
+def build_model(cfg: TrainConfig, tokenizer=None) -> Transformer:
     from lmforge.models.checkpoint import load_model
 
     if cfg.model.path:
         return load_model(cfg.model.path, dtype=torch.float32)
-    config = Config.from_hf(dict(cfg.model.config or {}))
+    hf = dict(cfg.model.config or {})
+    if tokenizer is not None:
+        # A fresh model takes its special ids from the tokenizer; a chat template's end-of-turn token also
+        # ends generation (it lands in generation_config.json, where load_tokenizer picks it up).
+        stops = list(tokenizer.eos_ids)
+        end_of_turn = tokenizer.backend.token_to_id("<|im_end|>") if tokenizer.chat_template else None
+        if end_of_turn is not None and end_of_turn not in stops:
+            stops.append(end_of_turn)
+        hf.setdefault("bos_token_id", tokenizer.bos_id)
+        hf.setdefault("eos_token_id", stops[0] if len(stops) == 1 else stops)
+        hf.setdefault("pad_token_id", tokenizer.pad_id)
+    config = Config.from_hf(hf)
     torch.manual_seed(cfg.seed)
     return Transformer(config).init_weights(std=cfg.model.init_std, seed=cfg.seed)
 
@@ -64,7 +75,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if tok_path is None:
         raise ConfigError("recipe field 'tokenizer' is needed when the model is built from a config")
     tokenizer = load_tokenizer(tok_path)
-    model = build_model(cfg)
+    model = build_model(cfg, tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                            f"{model.config.vocab_size}")
