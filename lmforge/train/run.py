@@ -63,7 +63,10 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None)
             conversations, val_conv = conversations[n_val:], conversations[:n_val]
         train = SFTDataset(conversations, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate)
         val = SFTDataset(val_conv, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate) if val_conv else None
-        desc = f"{len(train):,} conversations (loss on assistant tokens only)"
+        desc = f"{len(train):,} conversations (loss on assistant tokens only"
+        if train.truncated or train.dropped:
+            desc += f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
+        desc += ")"
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     return Data(train=train, val=val, pad_id=int(pad if pad is not None else 0), describe=desc)
 
