@@ -24,8 +24,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=250)
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--test-size", type=int, default=200, help="held-out arithmetic problems")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
@@ -121,10 +121,9 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
         f"model.config.vocab_size={tokenizer.vocab_size}",
     ])
     trainer = build_trainer(pre_cfg)
-    before = trainer.evaluate()
-    print(f"[3/5] pretraining {trainer.model.config.num_params() / 1e6:.1f}M-parameter Llama on "
-          f"{trainer.data.describe}; held-out perplexity before: {math.exp(before):.1f}")
+    print(f"[3/5] pretraining a {trainer.model.config.num_params() / 1e6:.1f}M-parameter Llama on {trainer.data.describe}")
     result = trainer.fit()
+    before = result.initial_val_loss
     print(f"      held-out perplexity: {math.exp(before):.1f} -> {math.exp(result.val_loss):.2f}  "
           f"(loss curve: {result.run_dir / 'loss.png'})")
     pretrained = result.final_checkpoint / "model"

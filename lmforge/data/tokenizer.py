@@ -497,12 +497,22 @@ class IncrementalDecoder:
 
 
 # ---- training -----------------------------------------------------------------------------------
+def _names_file(text: str) -> bool:
+    try:  # a long text is not a path; the OS says so with an error rather than False
+        return len(text) < 4096 and "\n" not in text and Path(text).is_file()
+    except OSError:
+        return False
+
+
 def train_bpe_tokenizer(files: Sequence[str | Path] | Iterable[str], vocab_size: int,
                         special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
                         chat_template: str | None = DEFAULT_CHAT_TEMPLATE, min_frequency: int = 2, *,
                         eos_token: str = DEFAULT_EOS_TOKEN, pad_token: str | None = DEFAULT_PAD_TOKEN,
-                        model_max_length: int | None = None) -> Tokenizer:
+                        model_max_length: int | None = None, split_digits: bool = True) -> Tokenizer:
     """Train a GPT-2-style byte-level BPE tokenizer.
+
+    ``split_digits``: every digit is its own token (as in Llama 1/2), so numbers are spelled digit by
+    digit and arithmetic is learnable instead of a lookup over multi-digit tokens.
 
     ``files`` is a list of paths (read by the Rust trainer, in parallel) or an iterable of text
     strings. ``eos_token`` separates documents and doubles as ``bos_token`` (GPT-2 convention: nothing
@@ -514,7 +524,9 @@ def train_bpe_tokenizer(files: Sequence[str | Path] | Iterable[str], vocab_size:
         raise LmforgeError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                            f"{256 + len(specials)} (256 bytes + {len(specials)} special tokens)")
     backend = _RustTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -522,7 +534,7 @@ def train_bpe_tokenizer(files: Sequence[str | Path] | Iterable[str], vocab_size:
         files = [files]
     # A list holding Paths, or strings that all name files, is read from disk; anything else is text.
     is_paths = isinstance(files, (list, tuple)) and bool(files) and (
-        any(isinstance(f, Path) for f in files) or all(isinstance(f, str) and Path(f).is_file() for f in files))
+        any(isinstance(f, Path) for f in files) or all(isinstance(f, str) and _names_file(f) for f in files))
     if is_paths:
         for p in files:
             if not Path(p).is_file():

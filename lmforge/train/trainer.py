@@ -152,6 +152,7 @@ class TrainResult:
     losses: list[float]
     val_loss: float | None
     steps: int
+    initial_val_loss: float | None = None
 
 
 class Trainer:
@@ -424,6 +425,11 @@ class Trainer:
         losses: list[float] = []
         val_loss = None
         last_saved = None
+        initial_val = None
+        if self.step == 0 and cfg.eval_every:  # the curve's starting point
+            initial_val = self.evaluate()
+            if initial_val is not None:
+                metrics.write({"step": 0, "val_loss": round(initial_val, 6), "val_ppl": round(math.exp(min(initial_val, 50)), 3)})
         t_last, tokens_last = time.perf_counter(), self.tokens_seen
         while self.step < cfg.max_steps:
             out = self.train_step()
@@ -457,7 +463,7 @@ class Trainer:
             last_saved = self.save()
         if self.dist.main and cfg.plot:
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        return TrainResult(self.run_dir, last_saved, losses, val_loss, self.step)
+        return TrainResult(self.run_dir, last_saved, losses, val_loss, self.step, initial_val)
 
 
 class MetricsLog:
@@ -525,6 +531,10 @@ class _NoBar:
 def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return _NoBar()
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    # In a log file (CI, nohup) a bar redrawn 10x a second is noise: redraw rarely there.
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.2 if sys.stderr.isatty() else 30.0)
