@@ -1,17 +1,19 @@
 """Pretraining data: local files -> documents -> parallel tokenization -> memory-mapped token cache -> packed sequences.
 
 Document boundaries are EOS separators: every document is followed by the tokenizer's EOS token and the
-stream is cut into fixed-length windows that may span documents (GPT-style packing; attention is not
-blocked at boundaries, the EOS tells the model a new document starts).
+stream is cut into fixed-length windows that may span documents (plain GPT-style packing; attention is not
+blocked at boundaries, the EOS tells the model that a new document starts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +21,14 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
 
+log = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".html", ".css",
                  ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sh", ".tex"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# encode_batch runs on all cores; a chunk must be big enough to keep them busy but bounded in memory.
+CHUNK_DOCS = 1024
+CHUNK_CHARS = 8 << 20
 
 
 # ---- reading documents ------------------------------------------------------------------------------
@@ -47,7 +54,11 @@ def _readable_suffix(f: Path) -> bool:
 
 
 def read_documents(paths: Sequence[str | Path], text_field: str = "text", glob: str = "**/*") -> Iterator[str]:
-    """Yield documents: a text file is one document; a JSONL line or a Parquet row is one document."""
+    """Yield documents in a deterministic order; empty documents are skipped.
+
+    A text file is one document, a JSONL line or a Parquet row is one document (field/column ``text_field``).
+    Directories are walked in sorted order, keeping files that match ``glob`` and have a known suffix.
+    """
     for f in expand_paths(paths, glob):
         if f.suffix == ".jsonl":
             yield from _read_jsonl(f, text_field)
@@ -60,8 +71,12 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", glob: 
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmforgeError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -70,30 +85,37 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or field not in record:
                 raise LmforgeError(f"{path}:{n}: record has no {field!r} field")
-            if not isinstance(record[field], str):
-                raise LmforgeError(f"{path}:{n}: field {field!r} must be a string, got {type(record[field]).__name__}")
-            yield record[field]
+            text = record[field]
+            if not isinstance(text, str):
+                raise LmforgeError(f"{path}:{n}: field {field!r} must be a string, got {type(text).__name__}")
+            if text:
+                yield text
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for damaged files
         raise LmforgeError(f"{path}: cannot read Parquet file ({e})") from None
-    if field not in table.schema_arrow.names:
-        raise LmforgeError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    schema = table.schema_arrow
+    if field not in schema.names:
+        raise LmforgeError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise LmforgeError(f"{path}: column {field!r} has type {kind}, expected string")
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
-            if value:
+            if value:  # nulls and empty strings are not documents
                 yield value
 
 
 # ---- token cache ------------------------------------------------------------------------------------
 @dataclass
 class TokenCache:
-    """A flat array of token ids on disk (memory-mapped), documents separated by EOS."""
+    """A flat array of token ids on disk, documents separated by EOS; read through a memory map."""
 
     path: Path
     num_tokens: int
@@ -101,6 +123,11 @@ class TokenCache:
     dtype: str
 
     def tokens(self) -> np.ndarray:
+        expected = self.num_tokens * np.dtype(self.dtype).itemsize
+        size = self.path.stat().st_size if self.path.is_file() else -1
+        if size != expected:  # changed under us after it was built: fail clearly, not with an mmap error
+            raise LmforgeError(f"token cache {self.path} has {size} bytes, expected {expected}; "
+                               "delete it and run again to re-tokenize")
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
 
@@ -108,6 +135,7 @@ class TokenCache:
 class TokenCaches:
     train: TokenCache
     val: TokenCache | None
+    reused: bool = False  # True when an existing cache matched and nothing was tokenized
 
 
 def _fingerprint_sources(files: list[Path]) -> str:
@@ -119,131 +147,191 @@ def _fingerprint_sources(files: list[Path]) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies the id mapping: the full serialized tokenizer when there is one, else a probe encoding."""
     backend = getattr(tokenizer, "backend", None)
-    text = (backend.to_str() if backend is not None
-            else f"{type(tokenizer).__qualname__}:{tokenizer.vocab_size}:{tokenizer.eos_id}")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    if backend is not None and hasattr(backend, "to_str"):
+        body = backend.to_str()
+    else:
+        probe = "Hello, world! 123 ünïcödé 日本語 \t\n def f(x): return x"
+        body = f"{type(tokenizer).__qualname__}|{tokenizer.encode(probe, add_special_tokens=False)}"
+    body += f"|vocab={tokenizer.vocab_size}|eos={tokenizer.eos_id}"
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def _is_val(index: int, seed: int, fraction: float) -> bool:
-    """Deterministic document split that does not depend on the number of documents."""
+    """Deterministic per-document split that does not depend on the number of documents."""
     if fraction <= 0:
         return False
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def _write_tokens(docs: Iterable[str], tokenizer, path: Path, chunk_docs: int = 256) -> tuple[int, int, str]:
-    """Tokenize in chunks (tokenizers' encode_batch runs on all cores) and stream ids to ``path``."""
-    if tokenizer.eos_id is None:
-        raise LmforgeError("the tokenizer has no EOS token to separate documents")
-    dtype = "uint16" if tokenizer.vocab_size <= 65535 else "uint32"
-    n_tokens = n_docs = 0
-    with atomic_file(path, "wb") as out:
-        chunk: list[str] = []
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
-        def flush() -> None:
-            nonlocal n_tokens, n_docs
-            for ids in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                arr = np.asarray([*ids, tokenizer.eos_id], dtype=dtype)
-                out.write(arr.tobytes())
-                n_tokens += len(arr)
-                n_docs += 1
-            chunk.clear()
 
-        for doc in docs:
-            chunk.append(doc)
-            if len(chunk) >= chunk_docs:
-                flush()
-        if chunk:
-            flush()
-    return n_tokens, n_docs, dtype
+class _SplitWriter:
+    """Buffers one split's documents and streams their ids, each followed by EOS, to an open file."""
+
+    def __init__(self, out: BinaryIO, tokenizer, dtype: str) -> None:
+        self.out, self.tokenizer, self.dtype = out, tokenizer, dtype
+        self.limit = np.iinfo(dtype).max
+        self.chunk: list[str] = []
+        self.chars = self.num_tokens = self.num_docs = 0
+
+    def add(self, doc: str) -> None:
+        self.chunk.append(doc)
+        self.chars += len(doc)
+        if len(self.chunk) >= CHUNK_DOCS or self.chars >= CHUNK_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.chunk:
+            return
+        flat: list[int] = []
+        for ids in self.tokenizer.encode_batch(self.chunk, add_special_tokens=False):
+            flat.extend(ids)
+            flat.append(self.tokenizer.eos_id)
+        arr = np.asarray(flat, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > self.limit):  # would wrap silently in the cast
+            raise LmforgeError(f"token id {int(arr.max())} does not fit the cache dtype {self.dtype} "
+                               f"(tokenizer vocab_size={self.tokenizer.vocab_size})")
+        self.out.write(arr.astype(self.dtype).tobytes())
+        self.num_tokens += arr.size
+        self.num_docs += len(self.chunk)
+        self.chunk.clear()
+        self.chars = 0
 
 
 def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | Path, *,
                       val_paths: Sequence[str | Path] = (), val_fraction: float = 0.0, text_field: str = "text",
                       glob: str = "**/*", max_docs: int | None = None, seed: int = 0) -> TokenCaches:
-    """Tokenize ``paths`` into ``cache_dir`` (reused while sources, tokenizer and options are unchanged).
+    """Tokenize the documents of ``paths`` into a flat token file per split under ``cache_dir``.
 
-    Validation: the files in ``val_paths``, or else a deterministic ``val_fraction`` of the documents.
+    Every document is followed by EOS: document boundaries are EOS separators in the stream. Documents are
+    tokenized in chunks with the tokenizer's ``encode_batch`` (the Rust tokenizers library runs a batch on
+    all CPU cores) and streamed to disk, so memory stays bounded. The ids are stored as uint16 when the
+    vocabulary fits, else uint32, beside a JSON meta file written last (atomically): its presence means the
+    ``.bin`` files are complete.
+
+    The cache is reused while the sources (paths, sizes, mtimes), tokenizer and options are unchanged;
+    changed sources, or a damaged or truncated cache, are reported in the log and re-tokenized in place.
+
+    Validation: the documents of ``val_paths``, or else a deterministic ``val_fraction`` of the documents
+    (chosen by a hash of (seed, document index)); each split has its own ``.bin`` file.
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise LmforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if tokenizer.eos_id is None:
+        raise LmforgeError("the tokenizer has no EOS token to separate documents")
     files = expand_paths(paths, glob)
     val_files = expand_paths(val_paths, glob) if val_paths else []
-    key = {"version": CACHE_VERSION, "sources": _fingerprint_sources(files), "val_sources": _fingerprint_sources(val_files),
-           "tokenizer": tokenizer_fingerprint(tokenizer), "val_fraction": val_fraction if not val_files else None,
-           "text_field": text_field, "max_docs": max_docs, "seed": seed}
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    # The name says *what* is cached; the key adds the source state, so an edit rebuilds in place
+    # instead of leaving a stale copy of the corpus behind under another name.
+    identity = {"paths": [str(Path(p).resolve()) for p in paths],
+                "val_paths": [str(Path(p).resolve()) for p in val_paths], "glob": glob, "text_field": text_field,
+                "val_fraction": val_fraction if not val_files else None, "max_docs": max_docs, "seed": seed,
+                "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key = {**identity, "version": CACHE_VERSION, "sources": _fingerprint_sources(files),
+           "val_sources": _fingerprint_sources(val_files)}
+    name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / f"{name}.json"
-    cached = _load_meta(meta_path, key)
+    cached, problem = _load_meta(meta_path, key)
     if cached is not None:
         return cached
+    if problem:
+        log.warning("token cache %s: %s; re-tokenizing", meta_path, problem)
 
-    def limited(docs: Iterator[str]) -> Iterator[str]:
-        for i, d in enumerate(docs):
-            if max_docs is not None and i >= max_docs:
-                return
-            yield d
+    dtype = token_dtype(tokenizer.vocab_size)
+    bins = {split: cache_dir / f"{name}.{split}.bin" for split in ("train", "val")}
+    with contextlib.ExitStack() as stack:
+        train = _SplitWriter(stack.enter_context(atomic_file(bins["train"], "wb")), tokenizer, dtype)
+        val = _SplitWriter(stack.enter_context(atomic_file(bins["val"], "wb")), tokenizer, dtype)
+        def split_of(index: int, is_last: bool) -> _SplitWriter:
+            if val_files:
+                return train
+            if _is_val(index, seed, val_fraction):
+                return val
+            if is_last and val_fraction > 0 and index > 0 and val.num_docs + len(val.chunk) == 0:
+                return val  # a tiny corpus still gets one held-out document
+            return train
 
-    all_docs = list(limited(read_documents(files, text_field, glob)))
-    if not all_docs:
-        raise LmforgeError(f"no documents found in {', '.join(map(str, paths))}")
-    if val_files:
-        train_docs, val_docs = all_docs, list(read_documents(val_files, text_field, glob))
-    else:
-        flags = [_is_val(i, seed, val_fraction) for i in range(len(all_docs))]
-        if val_fraction > 0 and not any(flags) and len(all_docs) > 1:
-            flags[-1] = True  # tiny corpora still get a held-out document
-        train_docs = [d for d, v in zip(all_docs, flags) if not v]
-        val_docs = [d for d, v in zip(all_docs, flags) if v]
-    if not train_docs:
-        raise LmforgeError("every document went to validation; lower data.val_fraction")
-    parts = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        if not docs:
-            continue
-        n_tok, n_docs, dtype = _write_tokens(docs, tokenizer, cache_dir / f"{name}.{split}.bin")
-        parts[split] = {"num_tokens": n_tok, "num_docs": n_docs, "dtype": dtype}
+        pending: str | None = None  # held back one step, since only the last document may need rerouting
+        n_docs = 0
+        for doc in read_documents(files, text_field, glob):
+            if max_docs is not None and n_docs >= max_docs:
+                break
+            if pending is not None:
+                split_of(n_docs - 1, is_last=False).add(pending)
+            pending, n_docs = doc, n_docs + 1
+        if pending is None:
+            raise LmforgeError(f"no documents found in {', '.join(map(str, paths))}")
+        split_of(n_docs - 1, is_last=True).add(pending)
+        for doc in read_documents(val_files, text_field, glob) if val_files else ():
+            val.add(doc)
+        train.flush()
+        val.flush()
+        if train.num_docs == 0:
+            raise LmforgeError("every document went to validation; lower data.val_fraction")
+    parts = {split: {"num_tokens": w.num_tokens, "num_docs": w.num_docs, "dtype": dtype}
+             for split, w in (("train", train), ("val", val)) if w.num_docs}
+    if "val" not in parts:
+        bins["val"].unlink(missing_ok=True)
     with atomic_file(meta_path, "w") as f:  # written last: its presence means the .bin files are complete
         json.dump({"key": key, "parts": parts}, f, indent=2)
-    loaded = _load_meta(meta_path, key)
-    assert loaded is not None
-    return loaded
+    built, problem = _load_meta(meta_path, key)
+    if built is None:
+        raise LmforgeError(f"token cache {meta_path} is unreadable right after writing it: {problem}")
+    built.reused = False
+    return built
 
 
-def _load_meta(meta_path: Path, key: dict) -> TokenCaches | None:
+def _load_meta(meta_path: Path, key: dict) -> tuple[TokenCaches | None, str | None]:
+    """The cache described by ``meta_path`` if it matches ``key`` and is complete, else (None, why not)."""
     if not meta_path.is_file():
-        return None
+        return None, None  # never built: nothing to report
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return None  # damaged: rebuild
-    if meta.get("key") != key:
-        return None
+        parts = meta["parts"]
+        stored_key = meta["key"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None, "meta file is damaged"
+    if stored_key != key:
+        changed = sorted(k for k in key if stored_key.get(k) != key[k])
+        return None, f"{', '.join(changed)} changed since it was built"
     caches = {}
-    for split, info in meta["parts"].items():
-        path = meta_path.with_name(meta_path.stem + f".{split}.bin")
+    for split, info in parts.items():
+        path = meta_path.with_name(f"{meta_path.stem}.{split}.bin")
         expected = info["num_tokens"] * np.dtype(info["dtype"]).itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            return None  # truncated or missing: rebuild
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            return None, f"{path.name} is {'missing' if size is None else f'{size} bytes, expected {expected}'}"
         caches[split] = TokenCache(path, info["num_tokens"], info["num_docs"], info["dtype"])
-    return TokenCaches(caches["train"], caches.get("val"))
+    if "train" not in caches:
+        return None, "meta file lists no training split"
+    return TokenCaches(caches["train"], caches.get("val"), reused=True), None
 
 
 # ---- packed sequences -------------------------------------------------------------------------------
 class PackedDataset:
-    """Item i = tokens[i*L : i*L + L + 1] as input_ids = w[:-1], labels = w[1:] (L = seq_len)."""
+    """Item i = tokens[i*L : i*L + L + 1] as input_ids = w[:-1], labels = w[1:] (L = seq_len).
+
+    Windows overlap by one token so that every token but the very first is a target exactly once;
+    a trailing partial window is dropped. Windows cross document boundaries (EOS-separated packing).
+    """
 
     def __init__(self, cache: TokenCache, seq_len: int) -> None:
+        if seq_len < 1:
+            raise LmforgeError(f"seq_len must be positive, got {seq_len}")
         self.cache, self.seq_len = cache, seq_len
         self._tokens: np.ndarray | None = None
-        if (cache.num_tokens - 1) // seq_len == 0:
+        if len(self) == 0:
             raise LmforgeError(f"{cache.num_tokens} tokens cannot fill one sequence of {seq_len}+1; "
                                "add data or lower data.seq_len")
 
     def __len__(self) -> int:
-        return (self.cache.num_tokens - 1) // self.seq_len
+        return max(self.cache.num_tokens - 1, 0) // self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -253,3 +341,5 @@ class PackedDataset:
         w = torch.from_numpy(self._tokens[i * self.seq_len:(i + 1) * self.seq_len + 1].astype(np.int64))
         return {"input_ids": w[:-1], "labels": w[1:]}
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # never pickle the memory map itself

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -12,9 +12,16 @@ from lmforge.errors import LmforgeError
 from lmforge.train.objectives import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
+# What to do with a conversation longer than max_len: cut it from the right, drop it (counted), or fail.
+Overflow = Literal["truncate", "drop", "error"]
+
+
+class SequenceTooLong(LmforgeError):
+    """A conversation does not fit ``max_len`` and truncation was not allowed."""
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """``messages`` itself if it is a well-formed conversation, else LmforgeError prefixed with ``where``."""
     if not isinstance(messages, list) or not messages:
         raise LmforgeError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -23,53 +30,90 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
         if m.get("role") not in ROLES:
             raise LmforgeError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
-            raise LmforgeError(f"{where}: message {i} ({m['role']}) needs string 'content'")
+            raise LmforgeError(f"{where}: message {i} ({m['role']}) needs string 'content', "
+                               f"got {type(m.get('content')).__name__}")
     if not any(m["role"] == "assistant" for m in messages):
         raise LmforgeError(f"{where}: no assistant message, so nothing to learn from")
     return messages
 
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """Conversations from JSONL records ``{"messages": [{"role": ..., "content": ...}, ...]}``."""
+    """Conversations from JSONL records ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+
+    Every record is validated; a problem raises LmforgeError naming ``file:line`` and what is wrong.
+    """
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"data file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmforgeError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or "messages" not in record:
-                raise LmforgeError(f"{path}:{n}: record has no 'messages' field")
-            out.append(validate_messages(record["messages"], f"{path}:{n}"))
+                raise LmforgeError(f"{where}: record has no 'messages' field")
+            out.append(validate_messages(record["messages"], where))
     if not out:
         raise LmforgeError(f"{path} holds no conversations")
     return out
 
 
-def encode_conversation(tokenizer, messages: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """input_ids and labels: labels[t] = ids[t+1] where that token is an assistant token, else -100."""
+def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_len: int | None = None,
+                        truncate: bool = True) -> dict[str, torch.Tensor]:
+    """input_ids and shifted labels for one conversation, rendered with the tokenizer's chat template.
+
+    labels[t] = ids[t+1] when that *target* token is an assistant token (the template's assistant mask),
+    else -100, so the loss covers only what the assistant says (prompt-loss masking).
+    Longer than ``max_len`` (counted in input positions): cut from the right when ``truncate``, else
+    ``SequenceTooLong`` is raised; never silently.
+    """
     ids, mask = tokenizer.apply_chat_template(list(messages), tokenize=True, return_assistant_mask=True)
-    ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
-    labels = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE_INDEX))
-    return {"input_ids": ids[:-1], "labels": labels}
+    if len(ids) != len(mask):
+        raise LmforgeError(f"chat template returned {len(ids)} ids but an assistant mask of {len(mask)}")
+    if len(ids) < 2:
+        raise LmforgeError("a rendered conversation needs at least two tokens to have a target")
+    ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+    labels = torch.where(mask_t[1:], ids_t[1:], torch.full_like(ids_t[1:], IGNORE_INDEX))
+    item = {"input_ids": ids_t[:-1], "labels": labels}
+    if max_len is not None and len(labels) > max_len:
+        if not truncate:
+            raise SequenceTooLong(f"conversation is {len(labels)} tokens, longer than max_len={max_len}")
+        item = {k: v[:max_len] for k, v in item.items()}
+    return item
 
 
 class SFTDataset:
-    """Encoded conversations. Longer than ``max_len``: cut from the right (``truncate``) or dropped; counted."""
+    """Encoded conversations, each at most ``max_len`` tokens.
+
+    ``truncate`` for conversations longer than ``max_len``: "truncate" (or True) cuts from the right and
+    counts it in ``truncated``; "drop" (or False) skips it and counts it in ``dropped``; "error" raises,
+    naming the conversation. A conversation left without any assistant target (e.g. truncated before the
+    first answer) is dropped and counted too.
+    """
 
     def __init__(self, conversations: Sequence[Sequence[dict[str, str]]], tokenizer, max_len: int,
-                 truncate: bool = True) -> None:
+                 truncate: Overflow | bool = "truncate") -> None:
+        mode = ("truncate" if truncate else "drop") if isinstance(truncate, bool) else truncate  # bool: recipes
+        if mode not in ("truncate", "drop", "error"):
+            raise LmforgeError(f"truncate must be 'truncate', 'drop' or 'error', got {truncate!r}")
         self.items: list[dict[str, torch.Tensor]] = []
         self.truncated = self.dropped = 0
-        for conv in conversations:
+        for n, conv in enumerate(conversations):
             item = encode_conversation(tokenizer, conv)
             if len(item["input_ids"]) > max_len:
-                if not truncate:
+                if mode == "error":
+                    raise SequenceTooLong(f"conversation {n} is {len(item['input_ids'])} tokens, longer than "
+                                          f"max_len={max_len}; raise the sequence length or allow truncation")
+                if mode == "drop":
                     self.dropped += 1
                     continue
                 item = {k: v[:max_len] for k, v in item.items()}
@@ -77,7 +121,7 @@ class SFTDataset:
             if (item["labels"] != IGNORE_INDEX).any():
                 self.items.append(item)
             else:
-                self.dropped += 1  # truncation removed every assistant token
+                self.dropped += 1  # nothing left to learn from
         if not self.items:
             raise LmforgeError(f"no usable conversations (dropped {self.dropped}); raise data.seq_len?")
 
@@ -86,3 +130,20 @@ class SFTDataset:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.items[i]
+
+
+def pad_collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items into a batch: input_ids [B,T] padded with ``pad_id``, labels -100 on padding, and
+    attention_mask 1 on real tokens."""
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    longest = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[row, :n] = torch.as_tensor(it["input_ids"])
+        labels[row, :n] = torch.as_tensor(it["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

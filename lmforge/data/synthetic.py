@@ -31,6 +31,39 @@ def arithmetic_examples(n: int, seed: int, max_operand: int = 50, ops: str = "+-
     return out
 
 
+def _skill(kind: str, rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, assistant reply, answer) for one problem of ``kind``."""
+    if kind == "next":
+        a = rng.randint(0, 98)
+        return f"What number comes after {a}?", f"{a + 1}", str(a + 1)
+    if kind == "larger":
+        a, b = rng.sample(range(100), 2)
+        return f"Which is larger, {a} or {b}?", f"{max(a, b)}", str(max(a, b))
+    if kind == "add1":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}", str(a + b)
+    if kind == "add2":
+        a, b = rng.randint(10, 50), rng.randint(10, 50)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}", str(a + b)
+    raise ValueError(f"unknown skill {kind!r}")
+
+
+SKILLS = ("next", "larger", "add1", "add2")
+
+
+def skill_examples(n: int, seed: int, kinds: tuple[str, ...] = SKILLS) -> list[dict[str, Any]]:
+    """A mix of small numeric skills of graded difficulty, each with one checkable integer answer:
+    successor, the larger of two numbers, one-digit addition, two-digit addition (with carries)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        prompt, reply, answer = _skill(kind, rng)
+        out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+                    "answer": answer, "kind": kind})
+    return out
+
+
 _NUMBER = re.compile(r"-?\d+")
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.data.sft import pad_collate
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_file
 from lmforge.models.config import Config
@@ -115,20 +116,6 @@ def _is_fsdp(model: nn.Module) -> bool:
 
 
 # ---- batches ---------------------------------------------------------------------------------------
-def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of {input_ids, labels[, attention_mask]} items into a batch."""
-    longest = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[row, :n] = torch.as_tensor(it["input_ids"])
-        labels[row, :n] = torch.as_tensor(it["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 @dataclass
 class Data:
     """What the loop needs from a dataset: items by index, and the sampler of global batch steps."""
@@ -141,7 +128,7 @@ class Data:
 
 def micro_batches(data: Data, sampler, step: int, accum: int) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches for global step ``step`` (micro-step = step * accum + i)."""
-    return [collate([data.train[i] for i in sampler.indices(step * accum + k)], data.pad_id) for k in range(accum)]
+    return [pad_collate([data.train[i] for i in sampler.indices(step * accum + k)], data.pad_id) for k in range(accum)]
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -284,7 +271,7 @@ class Trainer:
             chunk = mine[i:i + self.cfg.batch_size]
             if not chunk:  # FSDP needs every rank in every forward; run a dummy batch
                 chunk = [0]
-            batch = collate([self.data.val[j] for j in chunk], self.data.pad_id)
+            batch = pad_collate([self.data.val[j] for j in chunk], self.data.pad_id)
             loss, value = self._forward_loss(batch)
             if i < len(mine):
                 total += value

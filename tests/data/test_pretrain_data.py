@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from lmforge.data.pretrain import PackedDataset, build_token_cache, read_documents
 from lmforge.data.sampler import StepSampler
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 EOS = 0
 
 
 class ByteTokenizer:
-    """ids = bytes + 1, EOS = 0; counts how many documents it encoded."""
+    """ids = bytes + 1, EOS = 0; counts how many documents went through encode_batch."""
 
-    eos_id, vocab_size = EOS, 257
+    eos_id, bos_id, pad_id = EOS, EOS, EOS
 
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int = 257) -> None:
+        self.vocab_size = vocab_size
         self.encoded = 0
+
+    def encode(self, text, add_special_tokens=True):
+        return [b + 1 for b in text.encode()]
 
     def encode_batch(self, texts, add_special_tokens=True):
         self.encoded += len(texts)
-        return [[b + 1 for b in t.encode()] for t in texts]
+        return [self.encode(t) for t in texts]
+
+
+def expected_stream(docs: list[str]) -> np.ndarray:
+    return np.concatenate([np.array([b + 1 for b in d.encode()] + [EOS]) for d in docs])
 
 
 @pytest.fixture
@@ -41,8 +52,16 @@ def corpus(tmp_path):
     return d
 
 
+# ---- reading ----------------------------------------------------------------------------------------
 def test_reads_txt_md_jsonl_parquet(corpus):
     assert list(read_documents([corpus])) == ["alpha document", "beta", "gamma one", "gamma two", "delta", "epsilon"]
+    assert list(read_documents([corpus], glob="*.jsonl")) == ["gamma one", "gamma two"]
+
+
+def test_jsonl_text_field_is_configurable(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"body": "one"}) + "\n" + json.dumps({"body": ""}) + "\n")
+    assert list(read_documents([f], text_field="body")) == ["one"]  # empty documents are skipped
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
@@ -53,45 +72,82 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     f.write_text('{"body": "no text field"}\n')
     with pytest.raises(LmforgeError, match=r"x.jsonl:1: record has no 'text' field"):
         list(read_documents([f]))
+    f.write_text('{"text": 5}\n')
+    with pytest.raises(LmforgeError, match=r"x.jsonl:1: field 'text' must be a string"):
+        list(read_documents([f]))
+    f.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(LmforgeError, match=r"x.jsonl:2: not valid UTF-8"):
+        list(read_documents([f]))
 
 
-def test_missing_path_is_named(tmp_path):
+def test_bad_parquet_column(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(LmforgeError, match=r"a.parquet: no column 'text' \(columns: body\)"):
+        list(read_documents([tmp_path / "a.parquet"]))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "b.parquet")
+    with pytest.raises(LmforgeError, match=r"b.parquet: column 'text' has type int64"):
+        list(read_documents([tmp_path / "b.parquet"]))
+
+
+def test_missing_path_is_named(tmp_path, corpus):
     with pytest.raises(LmforgeError, match="nope.txt does not exist"):
-        list(read_documents([tmp_path / "nope.txt"]))
+        list(read_documents([corpus, tmp_path / "nope.txt"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmforgeError, match="empty has no readable files"):
+        build_token_cache([tmp_path / "empty"], ByteTokenizer(), tmp_path / "cache")
 
 
-def test_cache_is_reused_and_rebuilt_on_change(corpus, tmp_path):
+# ---- token cache ------------------------------------------------------------------------------------
+def test_cache_is_reused_and_rebuilt_on_change(corpus, tmp_path, caplog):
     tok = ByteTokenizer()
     first = build_token_cache([corpus], tok, tmp_path / "cache")
-    assert tok.encoded == 6
+    assert tok.encoded == 6 and not first.reused and first.train.dtype == "uint16"
+    meta = json.loads(first.train.path.with_name(first.train.path.name.split(".")[0] + ".json").read_text())
+    assert meta["parts"]["train"] == {"num_tokens": first.train.num_tokens, "num_docs": 6, "dtype": "uint16"}
     again = build_token_cache([corpus], tok, tmp_path / "cache")
-    assert tok.encoded == 6 and again.train.path == first.train.path  # no re-tokenisation
+    assert tok.encoded == 6 and again.reused and again.train.path == first.train.path  # no re-tokenization
     (corpus / "b.md").write_text("beta, edited")
-    build_token_cache([corpus], tok, tmp_path / "cache")
-    assert tok.encoded == 12
+    with caplog.at_level(logging.WARNING, logger="lmforge.data.pretrain"):
+        edited = build_token_cache([corpus], tok, tmp_path / "cache")
+    assert tok.encoded == 12 and not edited.reused and "sources changed" in caplog.text
+    assert edited.train.path == first.train.path  # rebuilt in place: no stale copy left behind
+    assert np.array_equal(edited.train.tokens(), expected_stream(list(read_documents([corpus]))))
+    other = ByteTokenizer(vocab_size=70_000)  # a different tokenizer is a different cache
+    wide = build_token_cache([corpus], other, tmp_path / "cache")
+    assert other.encoded == 6 and wide.train.dtype == "uint32" and wide.train.path != first.train.path
+    assert np.array_equal(wide.train.tokens(), edited.train.tokens())
 
 
-def test_truncated_cache_is_rebuilt(corpus, tmp_path):
+def test_truncated_cache_is_rebuilt(corpus, tmp_path, caplog):
     tok = ByteTokenizer()
     caches = build_token_cache([corpus], tok, tmp_path / "cache")
     data = caches.train.path.read_bytes()
     caches.train.path.write_bytes(data[:-4])
-    rebuilt = build_token_cache([corpus], tok, tmp_path / "cache")
-    assert tok.encoded == 12 and rebuilt.train.path.stat().st_size == len(data)
+    with pytest.raises(LmforgeError, match="expected"):  # a stale handle fails clearly, not with an mmap error
+        caches.train.tokens()
+    with caplog.at_level(logging.WARNING, logger="lmforge.data.pretrain"):
+        rebuilt = build_token_cache([corpus], tok, tmp_path / "cache")
+    assert tok.encoded == 12 and rebuilt.train.path.read_bytes() == data
+    assert "train.bin is" in caplog.text and "re-tokenizing" in caplog.text
 
 
 def test_stream_has_eos_between_documents_and_packing_is_exact(corpus, tmp_path):
     caches = build_token_cache([corpus], ByteTokenizer(), tmp_path / "cache")
     stream = caches.train.tokens()
-    docs = list(read_documents([corpus]))
-    expected = np.concatenate([np.array([b + 1 for b in d.encode()] + [EOS]) for d in docs])
+    expected = expected_stream(list(read_documents([corpus])))
     assert np.array_equal(np.asarray(stream), expected)
+    assert int((expected == EOS).sum()) == caches.train.num_docs == 6
     ds = PackedDataset(caches.train, seq_len=8)
     assert len(ds) == (len(expected) - 1) // 8
     rebuilt = np.concatenate([ds[i]["input_ids"].numpy() for i in range(len(ds))])
     assert np.array_equal(rebuilt, expected[: len(rebuilt)])
     for i in range(len(ds)):
+        assert ds[i]["input_ids"].dtype == ds[i]["labels"].dtype == torch.long
         assert np.array_equal(ds[i]["labels"].numpy(), expected[i * 8 + 1: i * 8 + 9])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers get a copy without the memory map
+    assert clone._tokens is None and np.array_equal(clone[1]["labels"].numpy(), ds[1]["labels"].numpy())
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
@@ -108,7 +164,23 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
         raw = bytes(int(t) - 1 for t in cache.tokens() if t != EOS)
         return set(raw.decode().replace("document number ", " ").split())
 
-    assert docs(a.train).isdisjoint(docs(a.val))
+    assert docs(a.train).isdisjoint(docs(a.val)) and len(docs(a.train) | docs(a.val)) == 200
+    c = build_token_cache([d], ByteTokenizer(), tmp_path / "c1", val_fraction=0.1, seed=4)
+    assert docs(c.val) != docs(a.val)  # another seed, another split (and another cache)
+    limited = build_token_cache([d], ByteTokenizer(), tmp_path / "c3", max_docs=10)
+    assert limited.train.num_docs == 10 and limited.val is None
+
+
+def test_tiny_corpus_still_gets_a_validation_document(corpus, tmp_path):
+    caches = build_token_cache([corpus], ByteTokenizer(), tmp_path / "cache", val_fraction=0.01)
+    assert caches.val is not None and caches.train.num_docs + caches.val.num_docs == 6
+
+
+def test_explicit_validation_files(corpus, tmp_path):
+    val = tmp_path / "val.txt"
+    val.write_text("held out")
+    caches = build_token_cache([corpus], ByteTokenizer(), tmp_path / "cache", val_paths=[val])
+    assert caches.train.num_docs == 6 and np.array_equal(caches.val.tokens(), expected_stream(["held out"]))
 
 
 def test_sequence_longer_than_corpus(tmp_path, corpus):
@@ -117,17 +189,42 @@ def test_sequence_longer_than_corpus(tmp_path, corpus):
         PackedDataset(caches.train, seq_len=10_000)
 
 
+# ---- sampler ----------------------------------------------------------------------------------------
 def test_sampler_is_a_pure_function_of_step():
     s = StepSampler(10, batch_size=3, seed=7)
-    assert s.steps_per_epoch == 3
-    assert s.indices(4) == StepSampler(10, 3, seed=7).indices(4)
+    assert s.steps_per_epoch == 3 and s.epoch_of(4) == 1
+    assert s.indices(4) == StepSampler(10, 3, seed=7).indices(4)  # a fresh sampler (resume) agrees
+    assert StepSampler(10, 3, seed=8).indices(0) != s.indices(0)
     epoch0 = sum((s.indices(k) for k in range(3)), [])
     assert len(set(epoch0)) == 9  # no repeats within an epoch (one item dropped)
-    assert s.indices(3) != s.indices(0) or s.indices(4) != s.indices(1)  # reshuffled next epoch
+    assert sum((s.indices(k) for k in range(3, 6)), []) != epoch0  # reshuffled next epoch
+
+
+def test_sampler_epoch_covers_every_item_once():
+    s = StepSampler(12, batch_size=4, seed=0)
+    for epoch in range(3):
+        seen = sum((s.indices(epoch * 3 + k) for k in range(3)), [])
+        assert sorted(seen) == list(range(12))
+    keep = StepSampler(10, batch_size=4, seed=0, drop_last=False)
+    assert keep.steps_per_epoch == 3
+    batches = [keep.indices(k) for k in range(3)]
+    assert all(len(b) == 4 for b in batches) and set(sum(batches, [])) == set(range(10))
 
 
 def test_sampler_ranks_partition_the_global_batch():
-    single = StepSampler(40, batch_size=2, seed=1)
+    single = StepSampler(40, batch_size=4, seed=1)
     r0, r1 = StepSampler(40, 2, seed=1, rank=0, world_size=2), StepSampler(40, 2, seed=1, rank=1, world_size=2)
-    for step in range(12):  # crosses epochs
-        assert r0.indices(step) + r1.indices(step) == single.indices(2 * step) + single.indices(2 * step + 1)
+    assert r0.steps_per_epoch == single.steps_per_epoch == 10
+    for step in range(25):  # crosses epochs
+        a, b = r0.indices(step), r1.indices(step)
+        assert set(a).isdisjoint(b) and a + b == single.indices(step)
+    micro = StepSampler(40, batch_size=2, seed=1)  # one process, accumulation 2 = the same items
+    for step in range(12):
+        assert r0.indices(step) + r1.indices(step) == micro.indices(2 * step) + micro.indices(2 * step + 1)
+
+
+def test_sampler_rejects_bad_geometry():
+    with pytest.raises(ConfigError, match="rank=2"):
+        StepSampler(10, 2, seed=0, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="cannot fill one global batch"):
+        StepSampler(3, 2, seed=0, world_size=2).indices(0)
