@@ -24,8 +24,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="megabytes of stdlib source to use")
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--sft-steps", type=int, default=1000)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=1500)
     p.add_argument("--test-size", type=int, default=200, help="held-out arithmetic problems")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
@@ -88,11 +88,22 @@ def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 
     return exact_match_accuracy(completions, [r["answer"] for r in records])
 
 
+SKILL_NAMES = {"next": "successor of a number", "larger": "larger of two numbers", "add1": "one-digit addition",
+               "add2": "two-digit addition with carries", "all": "all"}
+
+
+def accuracy_by_skill(model_dir: Path, records: list[dict]) -> dict[str, float]:
+    kinds = sorted({r["kind"] for r in records}, key=list(SKILL_NAMES).index)
+    out = {k: answer_accuracy(model_dir, [r for r in records if r["kind"] == k]) for k in kinds}
+    out["all"] = sum(out[k] * sum(r["kind"] == k for r in records) for k in kinds) / len(records)
+    return out
+
+
 @command("quickstart", "train a tokenizer and a small model on local text, finetune and evaluate it (CPU, ~10 min)")(_args)
 def quickstart_cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.data.synthetic import arithmetic_examples, write_jsonl
+    from lmforge.data.synthetic import skill_examples, write_jsonl
     from lmforge.data.tokenizer import train_bpe_tokenizer
     from lmforge.train.recipe import load_recipe
     from lmforge.train.run import build_trainer
@@ -128,22 +139,24 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
           f"(loss curve: {result.run_dir / 'loss.png'})")
     pretrained = result.final_checkpoint / "model"
 
-    # 4. SFT on arithmetic with checkable answers
-    examples = arithmetic_examples(20_000 + args.test_size, seed=args.seed)
+    # 4. SFT on generated numeric skills with checkable answers
+    examples = skill_examples(20_000 + args.test_size, seed=args.seed)
     test, train = examples[: args.test_size], examples[args.test_size:]
-    write_jsonl(train, data_dir / "arithmetic_train.jsonl")
-    write_jsonl(test, data_dir / "arithmetic_test.jsonl")
-    acc_before = answer_accuracy(pretrained, test)
+    write_jsonl(train, data_dir / "skills_train.jsonl")
+    write_jsonl(test, data_dir / "skills_test.jsonl")
+    acc_before = accuracy_by_skill(pretrained, test)
     sft_cfg = load_recipe(RECIPES / "quickstart_sft.yaml", [
         f"out_dir={out / 'sft'}", f"model.path={pretrained}", f"tokenizer={out / 'tokenizer'}",
-        f"data.train=[{data_dir / 'arithmetic_train.jsonl'}]", f"max_steps={args.sft_steps}", f"seed={args.seed}",
+        f"data.train=[{data_dir / 'skills_train.jsonl'}]", f"max_steps={args.sft_steps}", f"seed={args.seed}",
     ])
     sft = build_trainer(sft_cfg)
-    print(f"[4/5] SFT on {sft.data.describe}; held-out accuracy before: {acc_before:.1%}")
+    print(f"[4/5] SFT on {sft.data.describe}; held-out accuracy before: {acc_before['all']:.1%}")
     sft_result = sft.fit()
     final = sft_result.final_checkpoint / "model"
-    acc_after = answer_accuracy(final, test)
-    print(f"      held-out arithmetic accuracy: {acc_before:.1%} -> {acc_after:.1%}")
+    acc_after = accuracy_by_skill(final, test)
+    print(f"      held-out accuracy on {len(test)} problems, before -> after SFT:")
+    for kind in acc_after:
+        print(f"        {kind:<8} {acc_before[kind]:6.1%} -> {acc_after[kind]:6.1%}   {SKILL_NAMES.get(kind, '')}")
 
     # 5. summary
     summary = {"corpus_files": len(files), "pretrain_val_ppl_before": math.exp(before),
@@ -152,7 +165,7 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
                "minutes": (time.perf_counter() - started) / 60}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[5/5] done in {summary['minutes']:.1f} min. Checkpoint (HF format): {final}\n"
-          f"      try it:  lmforge generate --model {final} --chat --prompt 'What is 12 + 30?' --max-new-tokens 12\n"
+          f"      try it:  lmforge generate --model {final} --chat --prompt 'What number comes after 41?' --max-new-tokens 8\n"
           f"      or:      lmforge generate --model {final} --prompt 'def parse_args(' --max-new-tokens 60 "
           f"--temperature 0.7 --top-p 0.9 --seed 0")
     return 0
