@@ -115,7 +115,39 @@ def _is_fsdp(model: nn.Module) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
-# ---- batches ---------------------------------------------------------------------------------------
+# ---- objectives and batches --------------------------------------------------------------------------
+class Objective:
+    """What a step optimises. ``loss`` returns a *sum* over the batch's units (target tokens for language
+    modelling, pairs for DPO); the loop divides by ``units`` summed over the global batch."""
+
+    name = "objective"
+
+    def collate(self, items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+        return pad_collate(items, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, trainer: "Trainer", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LanguageModeling(Objective):
+    """Next-token cross-entropy, or distillation to ``trainer.teacher`` when there is one."""
+
+    name = "lm"
+
+    def loss(self, trainer: "Trainer", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = trainer.forward(batch)
+        labels = batch["labels"].to(trainer.device)
+        if trainer.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = trainer.forward(batch, model=trainer.teacher)
+            return distillation_loss(logits, teacher_logits, labels, trainer.cfg.distill.temperature,
+                                     trainer.cfg.distill.kd_weight)
+        return token_cross_entropy(logits, labels)
+
+
 @dataclass
 class Data:
     """What the loop needs from a dataset: items by index, and the sampler of global batch steps."""
@@ -126,9 +158,10 @@ class Data:
     describe: str = ""
 
 
-def micro_batches(data: Data, sampler, step: int, accum: int) -> list[dict[str, torch.Tensor]]:
+def micro_batches(data: Data, sampler, step: int, accum: int, objective: Objective) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches for global step ``step`` (micro-step = step * accum + i)."""
-    return [pad_collate([data.train[i] for i in sampler.indices(step * accum + k)], data.pad_id) for k in range(accum)]
+    return [objective.collate([data.train[i] for i in sampler.indices(step * accum + k)], data.pad_id)
+            for k in range(accum)]
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -146,9 +179,10 @@ class Trainer:
     """Holds the pieces of a run; ``fit()`` runs it. Build with ``Trainer.from_recipe`` or by hand."""
 
     def __init__(self, cfg: TrainConfig, model: Transformer, data: Data, tokenizer: Any = None,
-                 teacher: Transformer | None = None, lora: Any = None) -> None:
+                 teacher: Transformer | None = None, lora: Any = None, objective: Objective | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.objective = objective or LanguageModeling()
         self.device = pick_device(cfg.device)
         self.dist = setup_distributed(self.device)
         self.run_dir = Path(cfg.out_dir)
@@ -197,20 +231,16 @@ class Trainer:
         return wrapped
 
     # -- one step --
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        mask = batch["attention_mask"].to(self.device)
+    def forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """Logits of ``model`` (default: the trained model) on a padded batch, under the run's autocast."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         mask_arg = None if bool(mask.all()) else mask  # all-real batches take SDPA's causal fast path
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
-            logits = self.wrapped(ids, attention_mask=mask_arg)
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(ids, attention_mask=mask_arg)
-                loss = distillation_loss(logits, teacher_logits, labels, self.cfg.distill.temperature,
-                                         self.cfg.distill.kd_weight)
-            else:
-                loss = token_cross_entropy(logits, labels)
+            return (model or self.wrapped)(ids, attention_mask=mask_arg)
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        loss = self.objective.loss(self, batch)
         return loss, float(loss.detach())
 
     def train_step(self) -> dict[str, float]:
@@ -218,11 +248,11 @@ class Trainer:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise LmforgeError("nothing to train: every parameter of the model is frozen")
         model.train()
-        batches = micro_batches(self.data, self.sampler, self.step, cfg.grad_accum)
-        local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        batches = micro_batches(self.data, self.sampler, self.step, cfg.grad_accum, self.objective)
+        local_targets = sum(self.objective.units(b) for b in batches)
         global_targets = self.dist.sum(local_targets, self.device)
         if global_targets == 0:
-            raise LmforgeError(f"step {self.step}: the batch has no target tokens (all labels masked)")
+            raise LmforgeError(f"step {self.step}: the batch has nothing to learn from (all labels masked)")
         # DDP/FSDP average gradients over ranks; scale so the result is sum / global_targets.
         scale = self.dist.world / global_targets
         loss_sum = 0.0
@@ -235,7 +265,7 @@ class Trainer:
                 loss, value = self._forward_loss(batch)
                 aux = self.model.aux_loss(batch["attention_mask"].to(self.device))
                 if aux is not None:  # MoE load balancing, weighted by this micro-batch's share of tokens
-                    loss = loss + aux * int((batch["labels"] != IGNORE_INDEX).sum())
+                    loss = loss + aux * self.objective.units(batch)
                 (loss * scale).backward()
                 loss_sum += value
         grad_norm = self._clip()
@@ -260,7 +290,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean next-token loss over the first ``eval_batches`` batches of the validation set."""
+        """Mean loss per unit (token, pair) over the first ``eval_batches`` batches of the validation set."""
         if self.data.val is None or len(self.data.val) == 0:
             return None
         self.wrapped.eval()
@@ -271,11 +301,11 @@ class Trainer:
             chunk = mine[i:i + self.cfg.batch_size]
             if not chunk:  # FSDP needs every rank in every forward; run a dummy batch
                 chunk = [0]
-            batch = pad_collate([self.data.val[j] for j in chunk], self.data.pad_id)
+            batch = self.objective.collate([self.data.val[j] for j in chunk], self.data.pad_id)
             loss, value = self._forward_loss(batch)
             if i < len(mine):
                 total += value
-                targets += int((batch["labels"] != IGNORE_INDEX).sum())
+                targets += self.objective.units(batch)
         total, targets = self.dist.sum(total, self.device), self.dist.sum(targets, self.device)
         return total / targets if targets else None
 
