@@ -121,7 +121,7 @@ def _load_plugins() -> None:
     """Stages register their own subcommands; importing them is cheap (heavy imports are inside)."""
     import importlib
 
-    for module in ("lmforge.train.cli", "lmforge.quickstart"):
+    for module in ("lmforge.train.cli", "lmforge.align.cli", "lmforge.eval.cli", "lmforge.quickstart"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -142,4 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, where the stages register their subcommands (``python -m`` would
+    # otherwise execute a second copy of this file with an empty registry).
+    from lmforge.cli import main as _main
+
+    sys.exit(_main())

@@ -17,7 +17,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dora", action="store_true", help="train DoRA adapters (implies --lora)")
 
 
-def _run(task: str, args: argparse.Namespace) -> int:
+def _run(task: str, args: argparse.Namespace, before=None, after=None) -> int:
     from lmforge.train.recipe import load_recipe
     from lmforge.train.run import build_trainer
 
@@ -38,7 +38,11 @@ def _run(task: str, args: argparse.Namespace) -> int:
         n_all = sum(p.numel() for p in trainer.model.parameters())
         print(f"{task}: {trainer.model.config.model_type} with {n_all:,} parameters ({n_train:,} trainable); "
               f"{trainer.data.describe}; {trainer.dist.world} process(es) on {trainer.device}")
+    if before is not None:
+        before(trainer)
     result = trainer.fit(resume=args.resume)
+    if after is not None:
+        after(trainer)
     if trainer.dist.main:
         if result.val_loss is not None:
             print(f"validation loss {result.val_loss:.4f} (perplexity {math.exp(min(result.val_loss, 50)):.2f})")

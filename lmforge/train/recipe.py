@@ -68,8 +68,16 @@ class DistillSpec:
 
 
 @dataclass
+class PreferenceSpec:
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # DPO, IPO, SimPO
+    label_smoothing: float = 0.0  # > 0: conservative DPO
+    simpo_gamma: float = 0.5
+
+
+@dataclass
 class TrainConfig:
-    task: Literal["pretrain", "sft"] = "pretrain"
+    task: Literal["pretrain", "sft", "dpo"] = "pretrain"
     out_dir: str = "runs/run"
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: str | None = None  # default: the model directory
@@ -77,6 +85,7 @@ class TrainConfig:
     optim: OptimSpec = field(default_factory=OptimSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
     max_steps: int = 100
@@ -120,6 +129,8 @@ class TrainConfig:
         need(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
         need(self.distill.temperature > 0, "distill.temperature", "must be positive")
         need(0 <= self.distill.kd_weight <= 1, "distill.kd_weight", "must be in [0, 1]")
+        need(self.preference.beta > 0, "preference.beta", "must be positive")
+        need(0 <= self.preference.label_smoothing < 0.5, "preference.label_smoothing", "must be in [0, 0.5)")
 
 
 # ---- typed loading ---------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None)
         train = PackedDataset(caches.train, cfg.data.seq_len)
         val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
         desc = f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
+    elif cfg.task == "dpo":
+        from lmforge.align.dpo import PreferenceDataset
+
+        full = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.seq_len)
+        if cfg.data.val:
+            train, val = full, PreferenceDataset(cfg.data.val, tokenizer, cfg.data.seq_len)
+        else:
+            n_val = int(len(full) * cfg.data.val_fraction)
+            train, val = full, None
+            if n_val:
+                val = PreferenceDataset.__new__(PreferenceDataset)
+                val.items, val.dropped = full.items[:n_val], 0
+                train.items = full.items[n_val:]
+        desc = f"{len(train):,} preference pairs" + (f" ({full.dropped} dropped: too long)" if full.dropped else "")
     else:
         from lmforge.data.sft import SFTDataset, read_chat_jsonl
 
@@ -105,4 +119,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # Under torchrun, join the process group now so rank 0 can build the token cache while the others wait.
     procs = setup_distributed(pick_device(cfg.device))
     data = build_data(cfg, tokenizer, rank=procs.rank, barrier=procs.barrier)
-    return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
+    if cfg.task != "dpo":
+        return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
+    from lmforge.align.dpo import PreferenceObjective, cache_reference_logps
+
+    p = cfg.preference
+    objective = PreferenceObjective(p.beta, p.loss_type, p.label_smoothing, p.simpo_gamma)
+    trainer = Trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, objective=objective)
+    if p.loss_type != "simpo":  # SimPO is reference-free
+        cache_reference_logps(trainer, [data.train, data.val], objective, batch_size=cfg.batch_size)
+    return trainer

@@ -1,0 +1,85 @@
+"""DPO on the training engine: reference caching, the loss at initialisation, learning a preference, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.tokenizer import train_bpe_tokenizer
+from lmforge.train.recipe import load_recipe
+from lmforge.train.run import build_trainer
+
+MODEL = ("model.config={model_type: llama, vocab_size: 400, hidden_size: 48, intermediate_size: 96, "
+         "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}")
+WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "light", "paper", "sugar"]
+
+
+def pairs(n, seed):
+    """The chosen answer repeats the prompt's word politely; the rejected one names another word rudely."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w, other = rng.sample(WORDS, 2)
+        out.append({"prompt": f"Say {w}.", "chosen": f" Sure: {w}. Thanks!", "rejected": f" No. {other}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    texts = [f"Say {w}. Sure: {w}. Thanks! No. {w}" for w in WORDS] * 20
+    train_bpe_tokenizer(texts, vocab_size=400).save(root / "tok")
+    for name, n, seed in (("train", 96, 0), ("val", 32, 1)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs(n, seed)))
+    return root
+
+
+def recipe(workspace, tmp_path, *extra):
+    return load_recipe(None, ["task=dpo", MODEL, f"tokenizer={workspace / 'tok'}", f"out_dir={tmp_path / 'run'}",
+                              f"data.train=[{workspace / 'train.jsonl'}]", f"data.val=[{workspace / 'val.jsonl'}]",
+                              "data.seq_len=32", "batch_size=8", "max_steps=40", "progress=false", "plot=false",
+                              "eval_every=0", "save_every=0", "optim.lr=3e-3", "optim.warmup_steps=0",
+                              "preference.beta=0.5", *extra])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_first_step_loss_is_log_two(workspace, tmp_path, smoothing):
+    """Policy == reference at step 1, so h = 0 and -(1-e) log s(0) - e log s(0) = log 2 for any e."""
+    trainer = build_trainer(recipe(workspace, tmp_path, f"preference.label_smoothing={smoothing}"))
+    assert abs(trainer.train_step()["loss"] - math.log(2)) < 1e-5
+
+
+def test_dpo_learns_the_preference_and_generalises(workspace, tmp_path):
+    from lmforge.align.dpo import preference_accuracy
+
+    trainer = build_trainer(recipe(workspace, tmp_path))
+    before = preference_accuracy(trainer, trainer.data.val, trainer.objective)
+    assert before["accuracy"] == 0.0 and before["margin"] == 0.0  # implicit reward is 0 before training
+    result = trainer.fit()
+    after = preference_accuracy(trainer, trainer.data.val, trainer.objective)
+    assert after["accuracy"] >= 0.9 and after["margin"] > 0
+    assert result.losses[-1] < 0.3 < math.log(2)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
+def test_variants_train(workspace, tmp_path, loss_type):
+    trainer = build_trainer(recipe(workspace, tmp_path, f"preference.loss_type={loss_type}", "max_steps=15"))
+    losses = trainer.fit().losses
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_cli_reports_accuracy_and_rejects_bad_records(workspace, tmp_path, capsys):
+    args = ["dpo", "task=dpo", MODEL, f"tokenizer={workspace / 'tok'}", f"out_dir={tmp_path / 'cli'}",
+            f"data.train=[{workspace / 'train.jsonl'}]", f"data.val=[{workspace / 'val.jsonl'}]", "data.seq_len=32",
+            "batch_size=8", "max_steps=3", "progress=false", "plot=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out preference accuracy before" in out and "held-out preference accuracy after" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    assert main(args[:5] + [f"data.train=[{bad}]"] + args[6:]) == 2
+    assert "rejected" in capsys.readouterr().err
