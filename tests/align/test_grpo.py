@@ -1,0 +1,74 @@
+"""GRPO with a verifiable reward: rollouts, skipped rewards, and learning to prefer rewarded answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.align.grpo import GRPOConfig, GRPOTrainer, _sequences
+from lmforge.data.tokenizer import train_bpe_tokenizer
+from lmforge.errors import ConfigError
+from lmforge.models.config import Config
+from lmforge.models.model import Transformer
+from lmforge.train.objectives import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(["yes no maybe " * 20, "Answer yes or no."] * 10, vocab_size=300)
+
+
+def tiny_model(seed=0):
+    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=64))
+    return Transformer(cfg).init_weights(std=0.05, seed=seed)
+
+
+PROMPTS = [{"messages": [{"role": "user", "content": "Answer yes or no."}], "answer": "yes"}] * 4
+
+
+def says_yes(completion: str, reference: str) -> float:
+    return 1.0 if "yes" in completion else 0.0
+
+
+def test_sequences_put_labels_on_completions_only():
+    batch = _sequences([[5, 6, 7], [5]], [[8, 9], [4, 3, 2]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 4, 3, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 8, 9], [4, 3, 2, IGNORE_INDEX]]
+
+
+def test_grpo_raises_the_reward(tok, tmp_path):
+    torch.manual_seed(0)
+    cfg = GRPOConfig(steps=60, prompts_per_step=4, group_size=8, max_new_tokens=3, lr=1e-2, beta=0.01, seed=0)
+    trainer = GRPOTrainer(tiny_model(), tok, PROMPTS, says_yes, cfg, tmp_path / "grpo")
+    history = trainer.fit()
+    first = sum(h["reward"] for h in history[:5]) / 5
+    last = sum(h["reward"] for h in history[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert (tmp_path / "grpo" / "metrics.jsonl").is_file()
+
+
+def test_failing_reward_is_skipped_not_trained_on(tok, tmp_path):
+    calls = {"n": 0}
+
+    def flaky(completion, reference):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("grader crashed")
+        return float("nan") if calls["n"] % 5 == 0 else 1.0
+
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=2, seed=0)
+    trainer = GRPOTrainer(tiny_model(), tok, PROMPTS, flaky, cfg, tmp_path / "g")
+    batch, adv, stats = trainer.rollout(0)
+    assert trainer.skipped > 0 and torch.isfinite(adv).all()
+    history = trainer.fit()
+    assert all(math.isfinite(h["loss"]) for h in history) and history[-1]["skipped_rewards"] == trainer.skipped
+
+
+def test_bad_config(tok, tmp_path):
+    with pytest.raises(ConfigError, match="group_size"):
+        GRPOTrainer(tiny_model(), tok, PROMPTS, says_yes, GRPOConfig(group_size=1), tmp_path)
