@@ -72,3 +72,21 @@ def test_failing_reward_is_skipped_not_trained_on(tok, tmp_path):
 def test_bad_config(tok, tmp_path):
     with pytest.raises(ConfigError, match="group_size"):
         GRPOTrainer(tiny_model(), tok, PROMPTS, says_yes, GRPOConfig(group_size=1), tmp_path)
+
+
+def test_cli(tok, tmp_path, capsys):
+    import json
+
+    from lmforge import save_model
+    from lmforge.cli import main
+
+    save_model(tiny_model(), tmp_path / "m", tokenizer=tok)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Answer {i}"}], "answer": str(i)})
+                               + "\n" for i in range(6)))
+    args = ["grpo", "--model", str(tmp_path / "m"), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+            "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    assert "mean reward" in capsys.readouterr().out and (tmp_path / "run" / "model" / "config.json").is_file()
+    assert main(args + ["--reward", "nonsense"]) == 2
+    assert "--reward 'nonsense'" in capsys.readouterr().err
