@@ -1,0 +1,222 @@
+"""Run tasks against models: per-task metrics with bootstrap standard errors, JSON and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.eval import scoring
+from lmforge.eval.code import build_program, pass_at_k, run_programs
+from lmforge.eval.tasks import Task, resolve_task
+
+
+class Evaluator:
+    """Scores one model on tasks. ``limit`` keeps the first N docs of each task (a fixed subset)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16, limit: int | None = None,
+                 bootstrap_iters: int = 1000, seed: int = 1234, max_length: int | None = None,
+                 log_samples: bool = False) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.limit, self.seed = batch_size, limit, seed
+        self.bootstrap_iters, self.max_length, self.log_samples = bootstrap_iters, max_length, log_samples
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def _indices(self, task: Task) -> range:
+        return range(len(task.docs) if self.limit is None else min(self.limit, len(task.docs)))
+
+    def _context(self, task: Task, i: int) -> str:
+        ctx = task.context(i)
+        if task.chat:
+            ctx, _ = self.tokenizer.render_chat([{"role": "user", "content": ctx}], add_generation_prompt=True)
+        return ctx
+
+    def _stderr(self, values: Any, aggregate: Any = None) -> float:
+        return scoring.bootstrap_stderr(values, aggregate, iters=self.bootstrap_iters, seed=self.seed)
+
+    def run(self, task: Task) -> dict[str, Any]:
+        start = time.perf_counter()
+        method = {"multiple_choice": self._multiple_choice, "generate": self._generate,
+                  "perplexity": self._perplexity, "code": self._code}[task.type]
+        metrics, samples = method(task)
+        out: dict[str, Any] = {"type": task.type, "n": len(samples), **metrics,
+                               "seconds": round(time.perf_counter() - start, 3)}
+        if self.log_samples:
+            out["samples"] = samples
+        return out
+
+    # ---- task types ------------------------------------------------------------------------------
+    def _multiple_choice(self, task: Task) -> tuple[dict, list]:
+        requests, spans, samples = [], [], []
+        for i in self._indices(task):
+            ctx, choices = self._context(task, i), task.choice_list(task.docs[i])
+            spans.append((len(requests), len(choices)))
+            requests += [(ctx, task.target_delimiter + c) for c in choices]
+        scores = scoring.loglikelihood(self.model, self.tokenizer, requests, self.batch_size, self.max_length)
+        per_doc = {m: [] for m in task.metrics}
+        for i, (first, n) in zip(self._indices(task), spans):
+            doc = task.docs[i]
+            lls = [s for s, _ in scores[first:first + n]]
+            gold = task.gold_index(doc)
+            m = scoring.choice_metrics(lls, task.choice_list(doc), gold)
+            for name in task.metrics:
+                per_doc[name].append(m[name])
+            samples.append({"doc": i, "loglikelihoods": lls, "is_greedy": [g for _, g in scores[first:first + n]],
+                            "gold": gold, **m})
+        return self._means(per_doc), samples
+
+    def _generate(self, task: Task) -> tuple[dict, list]:
+        idx = list(self._indices(task))
+        prompts = [self._context(task, i) for i in idx]
+        outs = scoring.generate_texts(self.model, self.tokenizer, prompts, task.max_new_tokens, task.stop,
+                                      self.batch_size, task.temperature, self.seed)
+        hits, samples = [], []
+        for i, text in zip(idx, outs):
+            ref, pred = str(task.docs[i][task.target]), task.extract(text)
+            hits.append(scoring.exact_match(pred, ref))
+            samples.append({"doc": i, "completion": text, "extracted": pred, "target": ref,
+                            "exact_match": hits[-1]})
+        return self._means({"exact_match": hits}), samples
+
+    def _perplexity(self, task: Task) -> tuple[dict, list]:
+        idx = list(self._indices(task))
+        texts = [str(task.docs[i][task.target]) for i in idx]
+        lls = scoring.loglikelihood_rolling(self.model, self.tokenizer, texts, self.batch_size, self.max_length)
+        rows = np.array([[ll, *scoring.doc_weights(t)] for ll, t in zip(lls, texts)], dtype=np.float64)
+        values = scoring.perplexity_metrics(rows[:, 0], rows[:, 1], rows[:, 2])
+        out = {}
+        for name in task.metrics:
+            out[name] = values[name]
+            out[f"{name}_stderr"] = self._stderr(rows, lambda r, name=name: scoring.perplexity_metrics(
+                r[:, 0], r[:, 1], r[:, 2])[name])
+        samples = [{"doc": i, "loglikelihood": ll, "words": int(w), "bytes": int(b)}
+                   for i, (ll, w, b) in zip(idx, rows.tolist())]
+        return out, samples
+
+    def _code(self, task: Task) -> tuple[dict, list]:
+        idx = list(self._indices(task))
+        prompts = [self._context(task, i) for i in idx]
+        completions = [[] for _ in idx]
+        for s in range(task.samples):  # one batched generation per sample index, distinct seeds
+            outs = scoring.generate_texts(self.model, self.tokenizer, prompts, task.max_new_tokens, task.stop,
+                                          self.batch_size, task.temperature, self.seed + 1000 * s)
+            for j, text in enumerate(outs):
+                completions[j].append(text)
+        programs = [build_program(task.render(task.docs[i]), c, str(task.docs[i][task.target]), task.entry_point)
+                    for j, i in enumerate(idx) for c in completions[j]]
+        results = run_programs(programs, task.timeout_s, task.memory_mb)
+        per_doc = {f"pass@{k}": [] for k in task.k}
+        samples = []
+        for j, i in enumerate(idx):
+            mine = results[j * task.samples:(j + 1) * task.samples]
+            c = sum(r.passed for r in mine)
+            for k in task.k:
+                per_doc[f"pass@{k}"].append(pass_at_k(task.samples, c, k))
+            samples.append({"doc": i, "completions": completions[j], "status": [r.status for r in mine],
+                            "detail": [r.detail for r in mine], "passed": c})
+        return self._means(per_doc), samples
+
+    def _means(self, per_doc: dict[str, list[float]]) -> dict[str, float]:
+        out = {}
+        for name, values in per_doc.items():
+            out[name] = float(np.mean(values)) if values else float("nan")
+            out[f"{name}_stderr"] = self._stderr(values)
+        return out
+
+
+# ---- many models, many tasks -------------------------------------------------------------------
+def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: int | None = None,
+             batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bootstrap_iters: int = 1000,
+             seed: int = 1234, log_samples: bool = False, progress: Any = None) -> dict[str, Any]:
+    """Evaluate each model on each task; returns {"config", "results": {model: {task: metrics}}}."""
+    import torch
+
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models import load_model
+
+    if not model_paths:
+        raise ConfigError("no model given")
+    if not task_names:
+        raise ConfigError("no task given")
+    tasks = [resolve_task(t) for t in task_names]  # validate every task before loading any model
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    results: dict[str, Any] = {}
+    for path in model_paths:
+        model = load_model(path, dtype=getattr(torch, dtype), device=device).eval()
+        tokenizer = load_tokenizer(path)
+        ev = Evaluator(model, tokenizer, batch_size=batch_size, limit=limit, bootstrap_iters=bootstrap_iters,
+                       seed=seed, log_samples=log_samples)
+        label = _unique_label(str(path), results)
+        results[label] = {}
+        for task in tasks:
+            if task.chat and tokenizer.chat_template is None:
+                raise LmforgeError(f"task {task.name} ({task.source}) uses chat: true but {path} has no chat template")
+            results[label][task.name] = ev.run(task)
+            if progress:
+                progress(label, task.name, results[label][task.name])
+        del model
+    config = {"models": list(model_paths), "tasks": [t.name for t in tasks], "limit": limit,
+              "batch_size": batch_size, "device": device, "dtype": dtype, "seed": seed,
+              "bootstrap_iters": bootstrap_iters}
+    return {"config": config, "results": results}
+
+
+def _unique_label(label: str, taken: dict) -> str:
+    n, out = 2, label
+    while out in taken:
+        out, n = f"{label} ({n})", n + 1
+    return out
+
+
+def _fmt(value: float, stderr: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = _num(value)
+    if stderr is not None and not math.isnan(stderr):
+        text += f" ± {_num(stderr)}"
+    return text
+
+
+def _num(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"  # perplexities of untrained models are huge
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Tasks × metrics as rows, models side by side as columns."""
+    results = report["results"]
+    models = list(results)
+    header = "| task | metric | n | " + " | ".join(models) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(models))]
+    seen: list[tuple[str, str]] = []
+    for per_task in results.values():
+        for task, metrics in per_task.items():
+            for key in metrics:
+                if key in ("type", "n", "seconds", "samples") or key.endswith("_stderr"):
+                    continue
+                if (task, key) not in seen:
+                    seen.append((task, key))
+    for task, key in seen:
+        ns = {str(results[m][task]["n"]) for m in models if task in results[m]}
+        cells = []
+        for m in models:
+            r = results[m].get(task, {})
+            cells.append(_fmt(r.get(key), r.get(f"{key}_stderr")) if key in r else "–")
+        lines.append(f"| {task} | {key} | {'/'.join(sorted(ns))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    from lmforge.io import atomic_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        json.dump(report, f, indent=2)
+    return path

@@ -1,0 +1,225 @@
+"""Scoring primitives, defined as lm-evaluation-harness defines them.
+
+* ``loglikelihood``: for a (context, continuation) pair, encode ``context + continuation`` as a whole and
+  take the tokens after ``encode(context)`` as the continuation (trailing spaces of the context move to
+  the continuation first). The score is the sum of log p(continuation tokens), and ``is_greedy`` says
+  whether every continuation token is the argmax. Inputs longer than ``max_length + 1`` tokens lose
+  tokens on the left. An empty context conditions on the prefix token (BOS, else EOS).
+* ``acc``/``acc_norm``: argmax of the choice log-likelihoods, raw or divided by the number of
+  *characters* of the choice (without the target delimiter).
+* ``loglikelihood_rolling``: a document's total log-likelihood in disjoint windows of ``max_length``
+  tokens (the first conditioned on the prefix token; the last one re-reads earlier tokens as context so
+  it is full length); word/byte perplexity and bits per byte aggregate sums over documents.
+* generative exact match: the extracted answer equals the reference string.
+* standard errors: seeded bootstrap over documents of the task's aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+Pair = tuple[list[int], list[int]]
+
+
+# ---- tokenisation ------------------------------------------------------------------------------
+def tok_encode(tokenizer: Any, text: str) -> list[int]:
+    """The tokenizer's default special tokens (as HF ``encode``), unless the text already starts with BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """What an empty context conditions on: BOS, else EOS (lm-eval's ``prefix_token_id``)."""
+    for tid in (getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)):
+        if tid is not None:
+            return tid
+    raise LmforgeError("the tokenizer has neither a BOS nor an EOS token to condition an empty context on")
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> Pair:
+    """(context ids, continuation ids) split from the encoding of the joined text."""
+    if not context:
+        return [prefix_token_id(tokenizer)], tok_encode(tokenizer, continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:  # "Answer: " + "42" tokenises as "Answer:" + " 42" in BPE vocabularies
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tok_encode(tokenizer, context + continuation)
+    ctx = tok_encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def model_max_length(model: Any) -> int:
+    return int(model.config.max_position_embeddings)
+
+
+# ---- log-likelihood ----------------------------------------------------------------------------
+@torch.inference_mode()
+def loglikelihood_tokens(model: Any, requests: Sequence[Pair], batch_size: int = 16,
+                         max_length: int | None = None) -> list[tuple[float, bool]]:
+    """(sum log p(continuation), is_greedy) per (context ids, continuation ids), batched, right-padded."""
+    max_length = max_length or model_max_length(model)
+    rows = []
+    for ctx, cont in requests:
+        if not cont:
+            raise LmforgeError("a continuation encodes to no tokens; nothing to score")
+        if len(cont) > max_length:
+            raise LmforgeError(f"a continuation of {len(cont)} tokens exceeds max_length {max_length}")
+        inp = (list(ctx) + list(cont))[-(max_length + 1):][:-1]
+        rows.append((inp, list(cont)))
+    # Longest first: each batch pads to similar lengths, and an out-of-memory shows up on the first batch.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool] | None] = [None] * len(rows)
+    device = model.device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = len(rows[idx[0]][0])
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            inp = rows[i][0]
+            ids[r, :len(inp)] = torch.tensor(inp)
+            mask[r, :len(inp)] = 1
+        logits = model(ids.to(device), attention_mask=mask.to(device))
+        for r, i in enumerate(idx):
+            inp, cont = rows[i]
+            n = len(cont)
+            # position t predicts token t+1: the last n logits of the real input score the continuation
+            logp = F.log_softmax(logits[r, len(inp) - n:len(inp)].float(), dim=-1)
+            target = torch.tensor(cont, device=logp.device)
+            score = logp.gather(-1, target[:, None]).sum().item()
+            greedy = bool((logp.argmax(-1) == target).all())
+            results[i] = (score, greedy)
+    return results  # type: ignore[return-value]
+
+
+def loglikelihood(model: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 16,
+                  max_length: int | None = None) -> list[tuple[float, bool]]:
+    """Score text (context, continuation) pairs; see the module docstring for the definition."""
+    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
+    return loglikelihood_tokens(model, pairs, batch_size, max_length)
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[Pair]:
+    """(context, continuation) windows that score every token exactly once (lm-eval, context_len=1)."""
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        k = min(len(tokens) - done, max_length)
+        end = done + k
+        # a full-length input ending at the last predicted token; the part before the predictions is context
+        windows.append((tokens[end - max_length - 1:end - k], tokens[end - k:end]))
+        done = end
+    return windows
+
+
+def loglikelihood_rolling(model: Any, tokenizer: Any, docs: Sequence[str], batch_size: int = 16,
+                          max_length: int | None = None) -> list[float]:
+    """Total log-likelihood of each document (natural log)."""
+    max_length = max_length or model_max_length(model)
+    prefix = prefix_token_id(tokenizer)
+    windows, owner = [], []
+    for d, text in enumerate(docs):
+        for w in rolling_windows(tok_encode(tokenizer, text), prefix, max_length):
+            windows.append(w)
+            owner.append(d)
+    scores = loglikelihood_tokens(model, windows, batch_size, max_length)
+    totals = [0.0] * len(docs)
+    for d, (s, _) in zip(owner, scores):
+        totals[d] += s
+    return totals
+
+
+# ---- generation --------------------------------------------------------------------------------
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
+                   stop: Sequence[str] = (), batch_size: int = 16, temperature: float = 0.0,
+                   seed: int | None = None) -> list[str]:
+    """Completions of ``prompts`` (left-padded batches), cut at EOS and at the first stop string."""
+    from lmforge.models.generate import generate
+
+    limit = model_max_length(model) - max_new_tokens
+    if limit < 1:
+        raise LmforgeError(f"max_new_tokens {max_new_tokens} leaves no room in the context "
+                           f"({model_max_length(model)} tokens)")
+    encoded = [tok_encode(tokenizer, p)[-limit:] for p in prompts]  # keep the end of an over-long prompt
+    eos = set(tokenizer.eos_ids)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = len(encoded[idx[0]])
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            e = encoded[i]
+            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[r, width - len(e):] = 1
+        new = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_ids=eos, seed=None if seed is None else seed + start)
+        for r, i in enumerate(idx):
+            toks = new[r].tolist()
+            cut = next((j for j, t in enumerate(toks) if t in eos), len(toks))
+            out[i] = cut_at_stop(tokenizer.decode(toks[:cut]), stop)
+    return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest stop string."""
+    end = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    return text[:end]
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict[str, float]:
+    """acc and acc_norm of one multiple-choice doc (acc_norm divides by the choice's character count)."""
+    lls_arr = np.asarray(lls, dtype=np.float64)
+    lengths = np.asarray([max(len(c), 1) for c in choices], dtype=np.float64)
+    return {"acc": float(np.argmax(lls_arr) == gold), "acc_norm": float(np.argmax(lls_arr / lengths) == gold)}
+
+
+def exact_match(prediction: str | None, reference: str) -> float:
+    return float(prediction is not None and prediction.strip() == str(reference).strip())
+
+
+def doc_weights(text: str) -> tuple[int, int]:
+    """(words, UTF-8 bytes) of a document, the denominators of word and byte perplexity."""
+    return len(re.split(r"\s+", text)), len(text.encode("utf-8"))
+
+
+def perplexity_metrics(lls: Sequence[float], words: Sequence[int], nbytes: Sequence[int]) -> dict[str, float]:
+    """Corpus-level word/byte perplexity and bits per byte from per-document sums."""
+    total = float(np.sum(lls))
+    return {"word_perplexity": math.exp(-total / max(int(np.sum(words)), 1)),
+            "byte_perplexity": math.exp(-total / max(int(np.sum(nbytes)), 1)),
+            "bits_per_byte": -total / max(int(np.sum(nbytes)), 1) / math.log(2)}
+
+
+def bootstrap_stderr(items: Sequence[Any] | np.ndarray, aggregate: Callable[[np.ndarray], float] | None = None,
+                     iters: int = 1000, seed: int = 1234) -> float:
+    """Standard deviation of ``aggregate`` over ``iters`` resamples of the items (with replacement).
+
+    ``items`` is an array whose first axis is documents; ``aggregate`` defaults to the mean. Seeded, so the
+    same inputs always give the same number.
+    """
+    arr = np.asarray(items, dtype=np.float64)
+    n = arr.shape[0]
+    if n < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(iters, n))
+    if aggregate is None:  # the common case, vectorised
+        return float(arr[idx].mean(axis=1).std(ddof=1))
+    stats = np.array([aggregate(arr[i]) for i in idx])
+    return float(stats.std(ddof=1))
