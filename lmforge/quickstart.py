@@ -29,6 +29,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=200, help="held-out arithmetic problems")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tasks", default="arithmetic_chat,larger,stdlib_heldout", help="built-in eval tasks")
+    p.add_argument("--eval-limit", type=int, default=100, help="documents per eval task")
 
 
 def stdlib_corpus(max_bytes: int) -> list[Path]:
@@ -158,7 +160,14 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     for kind in acc_after:
         print(f"        {kind:<8} {acc_before[kind]:6.1%} -> {acc_after[kind]:6.1%}   {SKILL_NAMES.get(kind, '')}")
 
-    # 5. summary
+    # 5. evaluation table of the checkpoints, side by side
+    from lmforge.eval.runner import evaluate, markdown_table, write_report
+
+    report = evaluate([str(pretrained), str(final)], list(args.eval_tasks.split(",")), limit=args.eval_limit)
+    write_report(report, out / "eval.json")
+    print("      evaluation (lmforge eval), pretrained vs SFT:\n" + markdown_table(report))
+
+    # 6. summary
     summary = {"corpus_files": len(files), "pretrain_val_ppl_before": math.exp(before),
                "pretrain_val_ppl_after": math.exp(result.val_loss), "sft_accuracy_before": acc_before,
                "sft_accuracy_after": acc_after, "checkpoint": str(final),

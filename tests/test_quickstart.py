@@ -12,7 +12,7 @@ from lmforge.cli import main
 def test_quickstart_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "qs"
     code = main(["quickstart", "--out", str(out), "--corpus-mb", "0.3", "--pretrain-steps", "6",
-                 "--sft-steps", "4", "--test-size", "8", "--vocab-size", "512"])
+                 "--sft-steps", "4", "--test-size", "8", "--vocab-size", "512", "--eval-limit", "4"])
     assert code == 0
     text = capsys.readouterr().out
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "lmforge generate --model"):
