@@ -1,0 +1,120 @@
+"""What a request asks for (``SamplingParams``) and where one of its samples stands (``Sequence``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request. ``temperature == 0`` is greedy (then top_*/min_p/seed are moot).
+
+    Penalties follow the usual definitions: ``repetition_penalty`` (CTRL / HF) divides positive logits and
+    multiplies negative ones of every token seen in prompt or output; ``frequency_penalty`` and
+    ``presence_penalty`` (OpenAI) subtract ``f * count + p * (count > 0)`` over output tokens only.
+    ``logprobs``: None for none, 0 for the chosen token's log-probability, k > 0 for the top-k as well
+    (log-probabilities of the model's raw distribution, before penalties and temperature).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # sample i of the request uses seed + i
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    max_tokens: int = 16
+    n: int = 1
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    def validate(self) -> "SamplingParams":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise LmforgeError(msg)
+
+        need(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k == -1 or self.top_k >= 0, f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        need(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             f"max_tokens must be >= 1, got {self.max_tokens}")
+        need(isinstance(self.n, int) and self.n >= 1, f"n must be >= 1, got {self.n}")
+        need(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+             f"logprobs must be None or >= 0, got {self.logprobs}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (>= 0)")
+        need(self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One sample of a request: its tokens, KV blocks, and how many of its tokens have KV computed.
+
+    ``num_computed_tokens`` counts tokens whose keys/values are in the cache (prefix-cache hits included);
+    the tokens after it are fed to the model next. A decode step feeds exactly the last sampled token.
+    """
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int],
+                 params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.seq_id, self.request_id, self.index = seq_id, request_id, index
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (stats)
+        self.num_preemptions = 0
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+        self.text = ""  # decoded output, stop string trimmed (when a tokenizer is known)
+        self.sent_tokens = 0  # streaming: tokens / characters already reported
+        self.sent_chars = 0
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={len(self.prompt_ids)}, "
+                f"out={len(self.output_ids)}, computed={self.num_computed_tokens}, blocks={self.block_table})")
