@@ -1,0 +1,356 @@
+"""OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+
+One thread owns the engine and runs ``step()`` while there is work; HTTP handlers talk to it through a
+command queue and get outputs back on per-request asyncio queues, so the engine itself stays
+single-threaded. A client that disconnects mid-stream has its request aborted and its KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.engine import Engine, RequestOutput
+from lmforge.serve.sequence import SamplingParams
+
+
+# ---- the engine thread ----------------------------------------------------------------------------
+class AsyncEngine:
+    """Runs ``engine.step()`` on its own thread; ``submit`` returns an async iterator of outputs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.commands: queue.Queue = queue.Queue()
+        self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.started = time.time()
+        self.generated_tokens = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            while True:  # apply queued adds/aborts between steps
+                try:
+                    kind, args = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    request_id, prompt, params = args
+                    try:
+                        self.engine.add_request(prompt, params, request_id=request_id)
+                    except LmforgeError as e:
+                        self._deliver(request_id, e)
+                else:
+                    self.engine.abort(args)
+                    self.listeners.pop(args, None)
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # never leave clients hanging: fail every open request
+                for request_id in list(self.listeners):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, e)
+                continue
+            for out in outputs:
+                self.generated_tokens += sum(len(o.delta_token_ids) for o in out.outputs)
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        target = self.listeners.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        loop.call_soon_threadsafe(q.put_nowait, item)
+        if isinstance(item, Exception) or (isinstance(item, RequestOutput) and item.finished):
+            self.listeners.pop(request_id, None)
+
+    async def submit(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        request_id = uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self.listeners[request_id] = (asyncio.get_running_loop(), q)
+        self.commands.put(("add", (request_id, prompt, params)))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # client went away or the handler failed: free the blocks
+                self.commands.put(("abort", request_id))
+                self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self.thread.join(timeout=5)
+
+
+# ---- request schemas (OpenAI's field names) ---------------------------------------------------------
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # extensions vLLM users expect
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+def _params(req: _Common, logprobs: int | None) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                            repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+                            presence_penalty=req.presence_penalty, seed=req.seed, stop=stop, n=req.n,
+                            max_tokens=16 if max_tokens is None else max_tokens, logprobs=logprobs)
+    try:
+        return params.validate()
+    except LmforgeError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _content_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise APIError(400, f"message content part of type {part.get('type')!r} is not supported (text only)",
+                           "messages")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="lmforge", version="0.1")
+    runner = AsyncEngine(engine)
+    app.state.runner = runner
+    tokenizer = engine.tokenizer
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        runner.close()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return _error(400, "request body is not valid JSON")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return _error(401, "invalid or missing API key", kind="authentication_error")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", model_name):
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           "not_found_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(runner.started),
+                                            "owned_by": "lmforge"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        sched, bm = engine.scheduler, engine.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        elapsed = max(time.time() - runner.started, 1e-9)
+        lines = [
+            "# TYPE lmforge_requests_running gauge", f"lmforge_requests_running {len(sched.running)}",
+            "# TYPE lmforge_requests_waiting gauge", f"lmforge_requests_waiting {len(sched.waiting)}",
+            "# TYPE lmforge_kv_blocks_used gauge", f"lmforge_kv_blocks_used {used}",
+            "# TYPE lmforge_kv_blocks_total gauge", f"lmforge_kv_blocks_total {bm.num_blocks}",
+            "# TYPE lmforge_generated_tokens_total counter", f"lmforge_generated_tokens_total {runner.generated_tokens}",
+            "# TYPE lmforge_generation_tokens_per_second gauge",
+            f"lmforge_generation_tokens_per_second {runner.generated_tokens / elapsed:.3f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def run(prompt, params: SamplingParams, stream: bool, render):
+        try:
+            outputs = runner.submit(prompt, params)
+            first = await outputs.__anext__()  # surfaces request errors as a 400 before streaming starts
+        except LmforgeError as e:
+            raise APIError(400, str(e)) from None
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned nothing", kind="server_error") from None
+        if not stream:
+            last = first
+            async for last in outputs:
+                pass
+            return JSONResponse(render.full(last))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for chunk in render.chunks(first):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                async for out in outputs:
+                    for chunk in render.chunks(out):
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await outputs.aclose()  # on disconnect: abort and free blocks
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        if isinstance(req.prompt, str) and tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send token ids as the prompt", "prompt")
+        params = _params(req, req.logprobs)
+        return await run(req.prompt, params, req.stream, _CompletionRender(model_name, params.n))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        check_model(req.model)
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported by this "
+                                "server yet (structured output is planned)", "response_format")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
+                    for m in req.messages]
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except LmforgeError as e:
+            raise APIError(400, str(e), "messages") from None
+        params = _params(req, req.top_logprobs if req.logprobs else None)
+        return await run(ids, params, req.stream, _ChatRender(model_name, params.n))
+
+    return app
+
+
+class _CompletionRender:
+    def __init__(self, model: str, n: int) -> None:
+        self.id, self.model, self.created, self.n = f"cmpl-{uuid.uuid4().hex}", model, int(time.time()), n
+
+    def _usage(self, out: RequestOutput) -> dict[str, int]:
+        completion = sum(len(o.token_ids) for o in out.outputs)
+        return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
+                "total_tokens": len(out.prompt_token_ids) + completion}
+
+    def full(self, out: RequestOutput) -> dict[str, Any]:
+        choices = [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason,
+                    "logprobs": {"token_logprobs": o.logprobs} if o.logprobs is not None else None}
+                   for o in out.outputs]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage(out)}
+
+    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        return [{"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                 "choices": [{"index": o.index, "text": o.delta_text, "finish_reason": o.finish_reason,
+                              "logprobs": None}]}
+                for o in out.outputs if o.delta_text or o.finish_reason]
+
+
+class _ChatRender(_CompletionRender):
+    def __init__(self, model: str, n: int) -> None:
+        super().__init__(model, n)
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.started: set[int] = set()
+
+    def full(self, out: RequestOutput) -> dict[str, Any]:
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "finish_reason": o.finish_reason, "logprobs": None} for o in out.outputs]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage(out)}
+
+    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for o in out.outputs:
+            if not (o.delta_text or o.finish_reason) and o.index in self.started:
+                continue
+            delta: dict[str, Any] = {"content": o.delta_text}
+            if o.index not in self.started:  # the first chunk of a choice names the role
+                delta["role"] = "assistant"
+                self.started.add(o.index)
+            chunks.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": self.model,
+                           "choices": [{"index": o.index, "delta": delta, "finish_reason": o.finish_reason}]})
+        return chunks
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, **engine_kwargs: Any) -> None:
+    import uvicorn
+    from pathlib import Path
+
+    engine = Engine(model_path, **engine_kwargs)
+    app = build_app(engine, model_name or Path(model_path).name, api_key)
+    uvicorn.run(app, host=host, port=port, log_level="info")

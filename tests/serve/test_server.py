@@ -1,0 +1,133 @@
+"""The HTTP server with the real `openai` client: chat, completions, streaming, stop, n=2, auth, bad input."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from lmforge import save_model
+    from lmforge.data.tokenizer import train_bpe_tokenizer
+    from lmforge.models.config import Config
+    from lmforge.models.model import Transformer
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.server import build_app
+
+    root = tmp_path_factory.mktemp("srv")
+    tok = train_bpe_tokenizer(["hello world, the quick brown fox jumps over the lazy dog. " * 30], vocab_size=300)
+    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=128, eos_token_id=tok.eos_ids))
+    save_model(Transformer(cfg).init_weights(std=0.2, seed=0), root / "tiny", tokenizer=tok)
+    app = build_app(Engine(root / "tiny", max_num_batched_tokens=64), "tiny", api_key=KEY)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+
+
+def test_completion_greedy_is_deterministic_and_n2(client):
+    a = client.completions.create(model="tiny", prompt="the quick", max_tokens=10, temperature=0)
+    b = client.completions.create(model="tiny", prompt="the quick", max_tokens=10, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    two = client.completions.create(model="tiny", prompt="the quick", max_tokens=6, n=2, temperature=1.0, seed=3)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+
+
+def test_streaming_matches_non_streaming(client):
+    full = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fox"}],
+                                          max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fox"}],
+                                            max_tokens=12, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == full.choices[0].message.content
+
+
+def test_stop_string_is_trimmed(client):
+    base = client.completions.create(model="tiny", prompt="hello", max_tokens=16, temperature=0).choices[0].text
+    if len(base.strip()) < 3:
+        pytest.skip("the random model stopped too early to pick a stop string")
+    stop = base.strip()[1:3]
+    cut = client.completions.create(model="tiny", prompt="hello", max_tokens=16, temperature=0, stop=[stop])
+    assert stop not in cut.choices[0].text and base.startswith(cut.choices[0].text)
+
+
+def test_bad_api_key_is_401(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"model": "tiny", "prompt": "hi", "temperature": -1}, "temperature"),
+    ({"model": "tiny", "prompt": "hi " * 400, "max_tokens": 4}, "tokens"),
+    ({"model": "nope", "prompt": "hi"}, "does not exist"),
+    ({"model": "tiny"}, "prompt"),
+    ({"model": "tiny", "prompt": "hi", "n": "many"}, "n"),
+])
+def test_bad_input_is_a_clear_4xx(server, body, match):
+    r = httpx.post(server[0] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code in (400, 404), r.text
+    assert match in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_bad_role(server):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server[0] + "/v1/chat/completions", headers=h,
+                   json={"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400
+
+
+def test_disconnect_frees_blocks_and_metrics(server, client):
+    base, app = server
+    engine = app.state.runner.engine
+    stream = client.completions.create(model="tiny", prompt="the", max_tokens=100, temperature=1.0, stream=True)
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 10
+    while engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_unfinished()
+    text = httpx.get(base + "/metrics").text
+    assert "lmforge_kv_blocks_used 0\n" in text  # cached blocks are reusable, so they count as free
+    assert "lmforge_requests_running 0" in text
