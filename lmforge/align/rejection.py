@@ -1,0 +1,219 @@
+"""Best-of-N rejection sampling: sample N answers per prompt, score them, keep the best as SFT data.
+
+The score comes from a verifiable reward function ``(completion, reference) -> float`` (called through
+``safe_reward``, so a failing reward skips that sample instead of the run) or from a trained
+``RewardModel``. Ties go to the first sample; prompts whose best score is below ``threshold`` are dropped
+and counted. The kept conversations are written as chat JSONL that ``read_chat_jsonl`` / SFT read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from lmforge.align.reward_model import RewardModel
+from lmforge.align.rewards import safe_reward
+from lmforge.data.sft import validate_messages
+from lmforge.data.synthetic import write_jsonl
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.generate import generate
+from lmforge.models.model import Transformer
+
+RewardFn = Callable[[str, str], float]
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class RejectionConfig:
+    n: int = 8  # samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    threshold: float | None = None  # drop prompts whose best score is below this
+    prompts_per_batch: int = 8  # prompts per generate call (each gives n rows)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("n", "max_new_tokens", "prompts_per_batch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"rejection sampling field '{name}' must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError("rejection sampling field 'temperature' must be > 0: best-of-N needs diverse samples")
+
+
+@dataclass
+class PromptResult:
+    """Every sample of one prompt with its score (None: the reward could not be computed / empty answer)."""
+
+    messages: Messages
+    completions: list[str]
+    scores: list[float | None]
+    best: int | None  # index into completions, None when no sample could be scored
+    kept: bool
+
+    @property
+    def best_score(self) -> float | None:
+        return None if self.best is None else self.scores[self.best]
+
+
+@dataclass
+class RejectionStats:
+    prompts: int = 0
+    kept: int = 0
+    below_threshold: int = 0  # best score < threshold
+    unscorable: int = 0  # no sample of the prompt got a score
+    skipped_samples: int = 0  # samples without a score (reward failed, or empty answer)
+    mean_best_score: float = math.nan
+    results: list[PromptResult] = field(default_factory=list, repr=False)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    if tokenizer.eos_ids:
+        return tokenizer.eos_ids[0]
+    raise LmforgeError("the tokenizer has neither a pad nor an EOS token; cannot batch prompts")
+
+
+@torch.no_grad()
+def sample_completions(model: Transformer, tokenizer, prompts: Sequence[Messages], cfg: RejectionConfig) -> list[list[str]]:
+    """``cfg.n`` sampled answers (decoded, cut at EOS) for each chat prompt."""
+    cfg.validate()
+    pad_id, eos = _pad_id(tokenizer), tokenizer.eos_ids
+    was_training = model.training
+    model.eval()
+    out: list[list[str]] = []
+    try:
+        for chunk_no, start in enumerate(range(0, len(prompts), cfg.prompts_per_batch)):
+            chunk = prompts[start:start + cfg.prompts_per_batch]
+            encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in chunk]
+            ids, mask = _left_pad([e for e in encoded for _ in range(cfg.n)], pad_id)
+            # A seed per chunk: reproducible, yet different chunks draw different samples.
+            tokens = generate(model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos, seed=cfg.seed * 1_000_003 + chunk_no)
+            texts = []
+            for row in tokens.tolist():
+                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+                texts.append(tokenizer.decode(row[:cut]))
+            out += [texts[i * cfg.n:(i + 1) * cfg.n] for i in range(len(chunk))]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def reward_model_scores(rm: RewardModel, tokenizer, messages: Messages, completions: Sequence[str],
+                        batch_size: int = 16) -> list[float]:
+    """Rewards of ``completions`` as assistant answers to ``messages``."""
+    pad_id = _pad_id(tokenizer)
+    rows = []
+    for c in completions:
+        ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": c}])
+        # encode_pair feeds the reward model ids[:-1] in training (the last token has no target there);
+        # score exactly the inputs it was trained on.
+        rows.append(ids[:-1] if len(ids) > 1 else ids)
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chunk):  # right padding: the reward is read at the last real token
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        scores += rm.score(ids, mask).tolist()
+    return scores
+
+
+def _argmax_first(scores: Sequence[float | None]) -> int | None:
+    best = None
+    for i, s in enumerate(scores):
+        if s is not None and (best is None or s > scores[best]):  # strict >: ties keep the first
+            best = i
+    return best
+
+
+def best_of_n(model: Transformer, tokenizer, records: Sequence[dict], cfg: RejectionConfig,
+              reward_fn: RewardFn | None = None, reward_model: RewardModel | None = None) -> RejectionStats:
+    """Sample, score and select for every record ``{"messages": [...], "answer"?: reference}``.
+
+    Exactly one of ``reward_fn`` and ``reward_model`` scores the samples; ``answer`` is the reference
+    handed to ``reward_fn`` ("" when absent).
+    """
+    cfg.validate()
+    if (reward_fn is None) == (reward_model is None):
+        raise LmforgeError("best_of_n needs exactly one of reward_fn and reward_model")
+    prompts = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "messages" not in r:
+            raise LmforgeError(f"prompt record {i} needs a 'messages' list")
+        messages = r["messages"]
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") == "assistant":
+            raise LmforgeError(f"prompt record {i}: 'messages' must be a non-empty chat that does not end "
+                               "with an assistant turn (the answer is what gets sampled)")
+        prompts.append(messages)
+    samples = sample_completions(model, tokenizer, prompts, cfg)
+    stats = RejectionStats(prompts=len(prompts))
+    for record, messages, completions in zip(records, prompts, samples):
+        if reward_model is not None:
+            raw: list[float | None] = list(reward_model_scores(reward_model, tokenizer, messages, completions))
+        else:
+            reference = str(record.get("answer", ""))
+            raw = [safe_reward(reward_fn, c, reference).value for c in completions]
+        # An empty answer would teach the model to stop at once; it is never a candidate.
+        scores = [s if c.strip() else None for s, c in zip(raw, completions)]
+        stats.skipped_samples += sum(s is None for s in scores)
+        best = _argmax_first(scores)
+        kept = best is not None and (cfg.threshold is None or scores[best] >= cfg.threshold)
+        if best is None:
+            stats.unscorable += 1
+        elif not kept:
+            stats.below_threshold += 1
+        stats.kept += int(kept)
+        stats.results.append(PromptResult(messages, completions, scores, best, kept))
+    best_scores = [r.best_score for r in stats.results if r.kept]
+    if best_scores:
+        stats.mean_best_score = sum(best_scores) / len(best_scores)
+    return stats
+
+
+def sft_records(stats: RejectionStats) -> list[dict]:
+    """Kept prompts as SFT chat records, the best answer appended as the assistant turn."""
+    out = []
+    for r in stats.results:
+        if r.kept and r.best is not None:
+            messages = list(r.messages) + [{"role": "assistant", "content": r.completions[r.best]}]
+            out.append({"messages": validate_messages(messages, "rejection sample")})
+    return out
+
+
+def rejection_sample(model: Transformer, tokenizer, records: Sequence[dict], out_path: str | Path,
+                     cfg: RejectionConfig | None = None, reward_fn: RewardFn | None = None,
+                     reward_model: RewardModel | None = None) -> RejectionStats:
+    """``best_of_n`` then write the kept conversations to ``out_path`` (chat JSONL, atomically)."""
+    stats = best_of_n(model, tokenizer, records, cfg or RejectionConfig(), reward_fn, reward_model)
+    kept = sft_records(stats)
+    if not kept:
+        raise LmforgeError(f"rejection sampling kept none of {stats.prompts} prompts "
+                           f"({stats.below_threshold} below the threshold, {stats.unscorable} unscorable); "
+                           f"nothing written to {out_path}")
+    write_jsonl(kept, out_path)
+    return stats
+
+
+__all__ = ["PromptResult", "RejectionConfig", "RejectionStats", "best_of_n", "reward_model_scores",
+           "rejection_sample", "sample_completions", "sft_records"]

@@ -1,0 +1,174 @@
+"""Scalar reward models: a Transformer backbone plus a linear head read at each row's last real token.
+
+Trained on preference pairs with the Bradley-Terry loss (Ouyang et al. 2022, eq. 1) through the training
+engine's ``Objective`` interface, so optimiser, schedule, accumulation and DDP come from ``Trainer``.
+
+On disk a reward model is an ordinary HF checkpoint directory (the backbone, loadable by itself) plus
+``reward_head.safetensors`` and a ``reward_model.json`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.align.losses import bradley_terry_loss
+from lmforge.align.preference_data import collate_pairs
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_directory
+from lmforge.models.config import Config
+from lmforge.models.model import Transformer
+from lmforge.train.trainer import Objective, Trainer
+
+HEAD_FILE = "reward_head.safetensors"
+MARKER_FILE = "reward_model.json"
+
+
+class RewardModel(nn.Module):
+    """``forward(ids, attention_mask)`` -> one reward per row ``[B]`` (float32)."""
+
+    def __init__(self, backbone: Transformer) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # No bias: Bradley-Terry only sees reward differences, so a constant offset is never learned.
+        self.head = nn.Linear(backbone.config.hidden_size, 1, bias=False)
+        nn.init.normal_(self.head.weight, std=backbone.config.hidden_size ** -0.5)
+        self.head.to(device=backbone.device, dtype=backbone.model.embed_tokens.weight.dtype)
+
+    # The training engine treats its model as a Transformer: expose what it reads and sets.
+    @property
+    def config(self) -> Config:
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.backbone.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.backbone.gradient_checkpointing = value
+
+    def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.backbone.aux_loss(attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone(input_ids, attention_mask, return_hidden=True)  # [B, T, H]
+        b, t = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((b,), t - 1, dtype=torch.long, device=hidden.device)
+        else:
+            if not bool(attention_mask.any(-1).all()):
+                raise LmforgeError("a row of the batch has no real token (attention_mask all zero)")
+            # Index of the last 1 in each row: correct for right padding (and for left padding too).
+            positions = torch.arange(t, device=attention_mask.device)
+            last = (attention_mask.bool() * positions).argmax(-1).to(hidden.device)
+        picked = hidden[torch.arange(b, device=hidden.device), last]  # [B, H]
+        return self.head(picked).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards in eval mode without gradients (moved to the model's device)."""
+        was_training = self.training
+        self.eval()
+        try:
+            mask = None if attention_mask is None else attention_mask.to(self.device)
+            return self(input_ids.to(self.device), mask)
+        finally:
+            self.train(was_training)
+
+
+class RewardObjective(Objective):
+    """Bradley-Terry loss summed over pairs on ``collate_pairs`` batches (``[2B, T]``, chosen rows first);
+    the loop divides by the global number of pairs."""
+
+    name = "reward"
+
+    def collate(self, items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_pairs(items, pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def rewards(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = trainer.forward(batch)  # the wrapped RewardModel returns [2B]
+        if rewards.dim() != 1:
+            raise LmforgeError(f"RewardObjective needs a RewardModel (rewards [B]); the model returned "
+                               f"shape {tuple(rewards.shape)}")
+        half = rewards.shape[0] // 2
+        return rewards[:half], rewards[half:]
+
+    def loss(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chosen, rejected = self.rewards(trainer, batch)
+        mean_loss, _ = bradley_terry_loss(chosen, rejected)
+        return mean_loss * chosen.shape[0]  # a sum over pairs, as Objective.loss requires
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, dataset: Sequence[dict[str, torch.Tensor]], pad_id: int,
+                      batch_size: int = 16) -> dict[str, float]:
+    """Share of pairs where the chosen completion scores strictly higher (ties count as wrong), and the
+    mean reward margin. ``dataset`` holds ``encode_pair`` items."""
+    items = list(getattr(dataset, "items", dataset))
+    if not items:
+        raise LmforgeError("pairwise_accuracy needs at least one preference pair")
+    wins, margin = 0, 0.0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = collate_pairs(chunk, pad_id)
+        r = rm.score(batch["input_ids"], batch["attention_mask"])
+        diff = r[:len(chunk)] - r[len(chunk):]
+        wins += int((diff > 0).sum())
+        margin += float(diff.sum())
+    return {"accuracy": wins / len(items), "margin": margin / len(items)}
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def save_reward_model(rm: RewardModel, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write the backbone as an HF directory plus the head; the whole directory appears atomically."""
+    from lmforge.models.checkpoint import save_model
+
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_model(rm.backbone, tmp, tokenizer=tokenizer)  # replaces the (empty) temp dir in one rename
+        save_file({"weight": rm.head.weight.detach().cpu().contiguous()}, tmp / HEAD_FILE,
+                  metadata={"format": "pt"})
+        marker = {"type": "reward_model", "head": HEAD_FILE, "hidden_size": rm.config.hidden_size,
+                  "readout": "last_real_token"}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    return path
+
+
+def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> RewardModel:
+    from lmforge.models.checkpoint import load_model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"reward model directory {path} does not exist")
+    head_file = path / HEAD_FILE
+    if not head_file.is_file():
+        raise LmforgeError(f"{path} has no {HEAD_FILE}: it is a language-model checkpoint, not a reward model "
+                           "(save it with save_reward_model)")
+    backbone = load_model(path, dtype=dtype, device=device)
+    rm = RewardModel(backbone)
+    weight = load_file(head_file).get("weight")
+    want = (1, rm.config.hidden_size)
+    if weight is None or tuple(weight.shape) != want:
+        got = "no 'weight' tensor" if weight is None else f"shape {list(weight.shape)}"
+        raise LmforgeError(f"{head_file}: expected a 'weight' tensor of shape {list(want)}, found {got}")
+    with torch.no_grad():
+        rm.head.weight.copy_(weight.to(dtype=rm.head.weight.dtype))
+    return rm.eval()
+
+
+__all__ = ["RewardModel", "RewardObjective", "load_reward_model", "pairwise_accuracy", "save_reward_model"]
