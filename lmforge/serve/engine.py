@@ -91,6 +91,15 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "generated_tokens": 0}
 
+    def _grammar(self):
+        if getattr(self, "_grammar_backend", None) is None:
+            if self.tokenizer is None:
+                raise LmforgeError("structured output needs a tokenizer")
+            from lmforge.serve.structured import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.model.config.vocab_size, sorted(self.eos_ids))
+        return self._grammar_backend
+
     def _default_num_blocks(self, block_size: int, max_num_seqs: int, budget: int | None) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, block_size)
         if budget is None:
@@ -130,6 +139,10 @@ class Engine:
             raise LmforgeError(f"request id {request_id!r} is already in use")
         seqs = [Sequence(next(self._ids), request_id, i, prompt_ids, params, self.model.device)
                 for i in range(params.n)]
+        if params.grammar is not None:
+            kind, source = params.grammar
+            for seq in seqs:
+                seq.constraint = self._grammar().constraint(kind, source)
         self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -165,6 +178,9 @@ class Engine:
         seqs = [batch[j].seq for j in sample_idx]
         if not seqs:
             return []
+        for i, seq in enumerate(seqs):
+            if seq.constraint is not None:
+                seq.constraint.mask_(logits[i])
         result = self.sampler(logits, seqs)
         touched: dict[str, _Request] = {}
         for i, seq in enumerate(seqs):
@@ -174,7 +190,11 @@ class Engine:
                 seq.logprobs.append(result.logprobs[i])
                 seq.top_logprobs.append(result.top_logprobs[i])
             self.stats["generated_tokens"] += 1
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             reason = self._check_stop(seq, token)
+            if reason is None and seq.constraint is not None and seq.constraint.done:
+                reason = "stop"  # the grammar is complete (its stop token was accepted)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -35,6 +35,10 @@ class SamplingParams:
     max_tokens: int = 16
     n: int = 1
     logprobs: int | None = None
+    # structured output (at most one): a JSON schema (dict or JSON text), any JSON object, or a regex
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,7 +65,20 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (>= 0)")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        need(sum(x is not None and x is not False for x in (self.json_schema, self.json_object or None, self.regex)) <= 1,
+             "use at most one of json_schema, json_object and regex")
         return self
+
+    @property
+    def grammar(self) -> tuple[str, object] | None:
+        """(kind, source) of the output constraint, or None."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.json_object:
+            return "json", None
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +117,7 @@ class Sequence:
         self.sent_tokens = 0  # streaming: tokens / characters already reported
         self.sent_chars = 0
         self.generator: torch.Generator | None = None
+        self.constraint = None  # structured output: lmforge.serve.structured.Constraint
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
 

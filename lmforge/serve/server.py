@@ -51,8 +51,8 @@ class AsyncEngine:
                     request_id, prompt, params = args
                     try:
                         self.engine.add_request(prompt, params, request_id=request_id)
-                    except LmforgeError as e:
-                        self._deliver(request_id, e)
+                    except Exception as e:  # a bad request must never take the engine thread down
+                        self._deliver(request_id, e if isinstance(e, LmforgeError) else RuntimeError(str(e)))
                 else:
                     self.engine.abort(args)
                     self.listeners.pop(args, None)
@@ -125,6 +125,8 @@ class _Common(BaseModel):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
 
 
 class CompletionRequest(_Common):
@@ -156,13 +158,34 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
+def _grammar(req: _Common) -> dict[str, Any]:
+    """SamplingParams fields for structured output, from vLLM-style guided_* or OpenAI response_format."""
+    fmt = getattr(req, "response_format", None) or {}
+    kind = fmt.get("type", "text")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", "response_format")
+        return {"json_schema": spec["schema"]}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "text":
+        raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                       "response_format")
+    if req.guided_json is not None:
+        return {"json_schema": req.guided_json}
+    if req.guided_regex is not None:
+        return {"regex": req.guided_regex}
+    return {}
+
+
 def _params(req: _Common, logprobs: int | None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                             repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                             presence_penalty=req.presence_penalty, seed=req.seed, stop=stop, n=req.n,
-                            max_tokens=16 if max_tokens is None else max_tokens, logprobs=logprobs)
+                            max_tokens=16 if max_tokens is None else max_tokens, logprobs=logprobs, **_grammar(req))
     try:
         return params.validate()
     except LmforgeError as e:
@@ -247,6 +270,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             first = await outputs.__anext__()  # surfaces request errors as a 400 before streaming starts
         except LmforgeError as e:
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:
+            raise APIError(500, f"internal error: {e}", kind="server_error") from None
         except StopAsyncIteration:
             raise APIError(500, "the engine returned nothing", kind="server_error") from None
         if not stream:
@@ -281,9 +306,6 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         check_model(req.model)
         if tokenizer is None or tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported by this "
-                                "server yet (structured output is planned)", "response_format")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
                     for m in req.messages]
         try:

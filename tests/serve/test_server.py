@@ -170,5 +170,43 @@ def test_200_concurrent_streaming_clients(server):
                        json={"model": "tiny", "prompt": "the quick 7", "max_tokens": max_tokens, "temperature": 0.0})
     assert again.json()["choices"][0]["text"] == results[7][1]
     engine = runner.engine
+    deadline = time.time() + 10  # cleanup runs on the engine thread; give it a moment
+    while (engine.has_unfinished() or runner.listeners) and time.time() < deadline:
+        time.sleep(0.05)
     assert not engine.has_unfinished() and not runner.listeners
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_output_parses_and_validates(client):
+    import json
+
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a person"}], max_tokens=60, temperature=0.8, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice
+    # xgrammar's JSON string rule admits raw control characters (a random model samples them), which
+    # Python's json rejects unless strict=False; the structure and the schema are enforced either way.
+    data = json.loads(choice.message.content, strict=False)
+    assert set(data) == {"name", "age"} and isinstance(data["name"], str) and len(data["name"]) <= 8
+    assert isinstance(data["age"], int) and 0 <= data["age"] <= 120
+
+
+def test_regex_output(client):
+    import re
+
+    r = client.completions.create(model="tiny", prompt="the", max_tokens=20, temperature=1.0, seed=0,
+                                  extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", r.choices[0].text), r.choices[0].text
+
+
+def test_invalid_schema_is_400(server):
+    r = httpx.post(server[0] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}})
+    assert r.status_code == 400 and "schema" in r.json()["error"]["message"]
