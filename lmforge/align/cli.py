@@ -21,6 +21,19 @@ def dpo_cmd(args: argparse.Namespace) -> int:
     return _run("dpo", args, before=lambda t: report(t, "before"), after=lambda t: report(t, "after"))
 
 
+@command("rm", "train a reward model (Bradley-Terry) on prompt/chosen/rejected JSONL")(_train_args)
+def rm_cmd(args: argparse.Namespace) -> int:
+    from lmforge.align.reward_model import pairwise_accuracy
+    from lmforge.train.cli import _run
+
+    def report(trainer, when: str) -> None:
+        if trainer.data.val is not None and trainer.dist.main:
+            acc = pairwise_accuracy(trainer.model, trainer.data.val, trainer.data.pad_id)
+            print(f"held-out pairwise accuracy {when}: {acc['accuracy']:.1%} (mean margin {acc['margin']:+.3f})")
+
+    return _run("rm", args, before=lambda t: report(t, "before"), after=lambda t: report(t, "after"))
+
+
 def _grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="policy to start from (HF directory with tokenizer)")
     p.add_argument("--prompts", required=True, help="JSONL records with 'messages' (chat) and 'answer'")

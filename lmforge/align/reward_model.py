@@ -61,6 +61,20 @@ class RewardModel(nn.Module):
     def aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.backbone.aux_loss(attention_mask)
 
+    # Training-engine hooks: a checkpoint's model directory holds the backbone (HF format) plus the head.
+    @staticmethod
+    def write_checkpoint_model(state: dict[str, torch.Tensor], config: Config, path: Path, tokenizer: Any = None) -> None:
+        with torch.device("meta"):
+            rm = RewardModel(Transformer(config))
+        rm.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True, assign=True)
+        if config.tie_embeddings:
+            rm.backbone.lm_head.weight = rm.backbone.model.embed_tokens.weight
+        save_reward_model(rm, path, tokenizer=tokenizer)
+
+    @staticmethod
+    def read_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+        return load_reward_model(path).state_dict()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.backbone(input_ids, attention_mask, return_hidden=True)  # [B, T, H]
         b, t = input_ids.shape

@@ -77,7 +77,7 @@ class PreferenceSpec:
 
 @dataclass
 class TrainConfig:
-    task: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    task: Literal["pretrain", "sft", "dpo", "rm"] = "pretrain"
     out_dir: str = "runs/run"
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: str | None = None  # default: the model directory

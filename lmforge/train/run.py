@@ -52,7 +52,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None)
         train = PackedDataset(caches.train, cfg.data.seq_len)
         val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
         desc = f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
-    elif cfg.task == "dpo":
+    elif cfg.task in ("dpo", "rm"):
         from lmforge.align.dpo import PreferenceDataset
 
         full = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.seq_len)
@@ -119,6 +119,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # Under torchrun, join the process group now so rank 0 can build the token cache while the others wait.
     procs = setup_distributed(pick_device(cfg.device))
     data = build_data(cfg, tokenizer, rank=procs.rank, barrier=procs.barrier)
+    if cfg.task == "rm":
+        from lmforge.align.reward_model import RewardModel, RewardObjective
+
+        if lora is not None:
+            raise ConfigError("recipe field 'lora.enabled': reward models train all weights for now")
+        return Trainer(cfg, RewardModel(model), data, tokenizer=tokenizer, objective=RewardObjective())
     if cfg.task != "dpo":
         return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
     from lmforge.align.dpo import PreferenceObjective, cache_reference_logps

@@ -320,7 +320,12 @@ class Trainer:
             self.dist.barrier()
             return ckpt.step_dir(self.run_dir, self.step)
 
+        writer = getattr(type(self.model), "write_checkpoint_model", None)  # e.g. reward models add a head
+
         def write_model(tmp: Path) -> None:
+            if writer is not None:
+                writer(model_state, self.model.config, tmp / "model", self.tokenizer)
+                return
             export = self._export_model(model_state)
             save_model(export, tmp / "model", tokenizer=self.tokenizer)
             if self.lora is not None:
@@ -397,8 +402,11 @@ class Trainer:
         else:
             from lmforge.models.checkpoint import load_model
 
-            loaded = load_model(path / "model", dtype=torch.float32)
-            self._set_model_state(loaded.state_dict())
+            reader = getattr(type(self.model), "read_checkpoint_state", None)
+            if reader is not None:
+                self._set_model_state(reader(path / "model"))
+            else:
+                self._set_model_state(load_model(path / "model", dtype=torch.float32).state_dict())
         self._set_optimizer_state(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         ckpt.set_rng_state(opt["rng"])

@@ -83,3 +83,21 @@ def test_cli_reports_accuracy_and_rejects_bad_records(workspace, tmp_path, capsy
     bad.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
     assert main(args[:5] + [f"data.train=[{bad}]"] + args[6:]) == 2
     assert "rejected" in capsys.readouterr().err
+
+
+def test_reward_model_cli_trains_saves_and_resumes(workspace, tmp_path, capsys):
+    from lmforge.align.reward_model import load_reward_model
+    from lmforge.train import checkpoint as ckpt
+
+    args = ["rm", MODEL, f"tokenizer={workspace / 'tok'}", f"out_dir={tmp_path / 'rm'}",
+            f"data.train=[{workspace / 'train.jsonl'}]", f"data.val=[{workspace / 'val.jsonl'}]", "data.seq_len=32",
+            "batch_size=8", "max_steps=30", "save_every=15", "progress=false", "plot=false", "optim.lr=3e-3",
+            "optim.warmup_steps=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    after = float(out.split("held-out pairwise accuracy after: ")[1].split("%")[0])
+    assert after >= 90.0, out
+    final = ckpt.latest_checkpoint(tmp_path / "rm") / "model"
+    rm = load_reward_model(final)  # the checkpoint holds the backbone (HF format) and the head
+    assert rm.head.weight.abs().sum() > 0
+    assert main(args[:-5] + ["max_steps=32", "save_every=15", "progress=false", "plot=false", "--resume"]) == 0

@@ -40,7 +40,7 @@ def test_yaml_and_overrides(tmp_path):
     (BASE, ["optim.lrr=1"], "unknown recipe field 'optim.lrr'"),
     (BASE, ["batch_size=two"], "'batch_size' must be int"),
     (BASE, ["batch_size=0"], "'batch_size' must be positive"),
-    (BASE, ["task=rlhf"], r"'task' must be one of \['pretrain', 'sft', 'dpo'\]"),
+    (BASE, ["task=rlhf"], r"'task' must be one of \['pretrain', 'sft', 'dpo', 'rm'\]"),
     (BASE, ["optim.betas=[0.9]"], "'optim.betas' must be two numbers"),
     (BASE, ["lora.r=0"], "'lora.r' must be positive"),
     (BASE, ["data.seq_len=true"], "'data.seq_len' must be int"),
