@@ -30,3 +30,64 @@ def serve_cmd(args: argparse.Namespace) -> int:
           device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
     return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory with a chat template")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+@command("chat", "chat with a model in the terminal (its chat template; /reset clears, /quit or Ctrl-D leaves)")(_chat_args)
+def chat_cmd(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.errors import LmforgeError
+    from lmforge.models import generate_stream, load_model
+
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer.chat_template is None:
+        raise LmforgeError(f"{args.model} has no chat template; use `lmforge generate` instead")
+    model = load_model(args.model, device=args.device)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("\nyou> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        room = model.config.max_position_embeddings - len(ids)
+        if room <= 0:
+            print("[the conversation is longer than the model's context; /reset to start over]")
+            messages.pop()
+            continue
+        decoder, reply = tokenizer.incremental_decoder(), []
+        sys.stdout.write("model> ")
+        for token in generate_stream(model, torch.tensor([ids]), max_new_tokens=min(args.max_new_tokens, room),
+                                     temperature=args.temperature, top_p=args.top_p, eos_ids=tokenizer.eos_ids,
+                                     seed=args.seed):
+            tid = int(token[0])
+            if tid in tokenizer.eos_ids:
+                break
+            reply.append(tid)
+            sys.stdout.write(decoder.add(tid))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})

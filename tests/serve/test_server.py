@@ -210,3 +210,24 @@ def test_invalid_schema_is_400(server):
                    json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}})
     assert r.status_code == 400 and "schema" in r.json()["error"]["message"]
+
+
+def test_terminal_chat_keeps_the_conversation(tmp_path):
+    import subprocess
+    import sys
+
+    from lmforge import save_model
+    from lmforge.data.tokenizer import train_bpe_tokenizer
+    from lmforge.models.config import Config
+    from lmforge.models.model import Transformer
+
+    tok = train_bpe_tokenizer(["hello there, how are you? " * 20], vocab_size=300)
+    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                              max_position_embeddings=256, eos_token_id=tok.eos_ids))
+    save_model(Transformer(cfg).init_weights(seed=0), tmp_path / "m", tokenizer=tok)
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "chat", "--model", str(tmp_path / "m"),
+                        "--max-new-tokens", "5", "--seed", "0"], input="hello\n/reset\nhow are you\n/quit\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("model> ") == 2
