@@ -56,3 +56,67 @@ def eval_cmd(args: argparse.Namespace) -> int:
         with atomic_file(args.markdown, "w") as f:
             f.write(table + "\n")
     return 0
+
+
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--a", required=True, help="JSONL of model A: records with 'prompt' and 'output'")
+    p.add_argument("--b", required=True, help="JSONL of model B, same prompts in the same order")
+    p.add_argument("--judge-model", help="a local lmforge/HF model directory as the judge")
+    p.add_argument("--judge-url", help="an OpenAI-compatible endpoint as the judge, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-name", default="judge", help="model name to send to the endpoint")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--output", default=None, help="write per-item preferences and the summary as JSON")
+
+
+def _read_outputs(path: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from lmforge.errors import LmforgeError
+
+    file = Path(path)
+    if not file.is_file():
+        raise LmforgeError(f"{file} does not exist")
+    rows = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{file}:{n}: not valid JSON ({e.msg})") from None
+        for field in ("prompt", "output"):
+            if not isinstance(rec.get(field), str):
+                raise LmforgeError(f"{file}:{n}: needs a string '{field}'")
+        rows.append(rec)
+    return rows
+
+
+@command("judge", "pairwise LLM-as-judge of two models' outputs: win rate and length-controlled win rate")(_judge_args)
+def judge_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.errors import LmforgeError
+    from lmforge.eval.judge import EndpointJudge, LogprobJudge, length_controlled_win_rate, pairwise_preferences, win_rate
+
+    if bool(args.judge_model) == bool(args.judge_url):
+        raise LmforgeError("give exactly one of --judge-model and --judge-url")
+    a, b = _read_outputs(args.a), _read_outputs(args.b)
+    if len(a) != len(b) or any(x["prompt"] != y["prompt"] for x, y in zip(a, b)):
+        raise LmforgeError(f"{args.a} and {args.b} must hold the same prompts in the same order")
+    if args.judge_url:
+        judge = EndpointJudge(args.judge_url, args.judge_name, api_key=args.api_key)
+    else:
+        from lmforge import load_model, load_tokenizer
+
+        judge = LogprobJudge(load_model(args.judge_model), load_tokenizer(args.judge_model))
+    prefs = pairwise_preferences(judge, [r["prompt"] for r in a], [r["output"] for r in a], [r["output"] for r in b])
+    raw = win_rate(prefs.p)
+    lc = length_controlled_win_rate(prefs.p, [len(r["output"]) for r in a], [len(r["output"]) for r in b])
+    print(f"A vs B over {len(a)} prompts (both orders): win rate {raw:.1%}, length-controlled {lc:.1%}, "
+          f"mean position disagreement {float(prefs.disagreement.mean()):.3f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"win_rate": raw, "length_controlled_win_rate": lc, "p": prefs.p.tolist(),
+                       "disagreement": prefs.disagreement.tolist()}, f, indent=2)
+    return 0

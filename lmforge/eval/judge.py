@@ -42,6 +42,47 @@ class LogprobJudge:
         return 1.0 / (1.0 + math.exp(lb - la))
 
 
+class EndpointJudge:
+    """A judge behind any OpenAI-compatible endpoint (an ``lmforge serve``, vLLM, or a hosted API).
+
+    Asks for a one-letter verdict; with logprobs available, P(first better) is the renormalised mass on
+    "A" vs "B" among the top alternatives, otherwise the verdict counts as 1 or 0 (0.5 if it is neither).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, template: str = JUDGE_TEMPLATE,
+                 timeout: float = 60.0, use_logprobs: bool = True) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise LmforgeError("an endpoint judge needs the openai package: pip install openai") from None
+        self._openai = openai
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=1)
+        self.base_url, self.model, self.template, self.use_logprobs = base_url, model, template, use_logprobs
+
+    def __call__(self, prompt: str, first: str, second: str) -> float:
+        content = self.template.format(prompt=prompt, first=first, second=second) + " (answer A or B)"
+        kwargs: dict[str, Any] = {"logprobs": True, "top_logprobs": 5} if self.use_logprobs else {}
+        try:
+            r = self.client.chat.completions.create(model=self.model, max_tokens=1, temperature=0.0,
+                                                    messages=[{"role": "user", "content": content}], **kwargs)
+        except self._openai.APIConnectionError as e:
+            raise LmforgeError(f"judge endpoint {self.base_url} is unreachable ({e.__cause__ or e})") from None
+        except self._openai.APIStatusError as e:
+            raise LmforgeError(f"judge endpoint {self.base_url} answered {e.status_code}: {e.message}") from None
+        choice = r.choices[0]
+        tops = getattr(getattr(choice, "logprobs", None), "content", None)
+        if tops:
+            mass = {"A": 0.0, "B": 0.0}
+            for alt in tops[0].top_logprobs:
+                key = alt.token.strip().upper()[:1]
+                if key in mass:
+                    mass[key] += math.exp(alt.logprob)
+            if mass["A"] + mass["B"] > 0:
+                return mass["A"] / (mass["A"] + mass["B"])
+        verdict = (choice.message.content or "").strip().upper()[:1]
+        return {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
+
+
 @dataclass
 class Preferences:
     """``p[i]``: P(a beats b) on item i, position-debiased; ``disagreement[i]``: |p(a,b) - (1 - p(b,a))|."""

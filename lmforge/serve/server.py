@@ -313,7 +313,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         except LmforgeError as e:
             raise APIError(400, str(e), "messages") from None
         params = _params(req, req.top_logprobs if req.logprobs else None)
-        return await run(ids, params, req.stream, _ChatRender(model_name, params.n))
+        return await run(ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer))
 
     return app
 
@@ -342,14 +342,24 @@ class _CompletionRender:
 
 
 class _ChatRender(_CompletionRender):
-    def __init__(self, model: str, n: int) -> None:
+    def __init__(self, model: str, n: int, tokenizer: Any = None) -> None:
         super().__init__(model, n)
+        self.tokenizer = tokenizer
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.started: set[int] = set()
 
+    def _logprobs(self, o) -> dict[str, Any] | None:
+        if o.logprobs is None or self.tokenizer is None:
+            return None
+        piece = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        tops = o.top_logprobs or [{}] * len(o.logprobs)
+        return {"content": [{"token": piece(t), "logprob": lp,
+                             "top_logprobs": [{"token": piece(k), "logprob": v} for k, v in top.items()]}
+                            for t, lp, top in zip(o.token_ids, o.logprobs, tops)]}
+
     def full(self, out: RequestOutput) -> dict[str, Any]:
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "finish_reason": o.finish_reason, "logprobs": None} for o in out.outputs]
+                    "finish_reason": o.finish_reason, "logprobs": self._logprobs(o)} for o in out.outputs]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage(out)}
 

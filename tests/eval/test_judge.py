@@ -54,3 +54,63 @@ def test_logprob_judge_on_a_tiny_model(model_dir):
     judge = LogprobJudge(load_model(model_dir), load_tokenizer(model_dir))
     p = judge("What is 2 + 2?", "4", "5")
     assert 0.0 < p < 1.0
+
+
+def test_unreachable_judge_endpoint_is_a_clear_error():
+    import socket
+
+    from lmforge.errors import LmforgeError
+    from lmforge.eval.judge import EndpointJudge
+
+    with socket.socket() as s:  # a port with nothing listening on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "judge", timeout=5)
+    with pytest.raises(LmforgeError, match="unreachable"):
+        judge("q", "a", "b")
+
+
+def test_endpoint_judge_against_an_lmforge_server(model_dir):
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from lmforge.eval.judge import EndpointJudge, pairwise_preferences
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.server import build_app
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(Engine(model_dir), "judge"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "judge")
+        prefs = pairwise_preferences(judge, ["q1", "q2"], ["short", "a"], ["longer answer", "b"])
+        assert prefs.p.shape == (2,) and ((0 <= prefs.p) & (prefs.p <= 1)).all()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_judge_cli(model_dir, tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"q{i}", "output": "yes" * (i + 1)}) + "\n" for i in range(4)))
+    b.write_text("".join(json.dumps({"prompt": f"q{i}", "output": "no"}) + "\n" for i in range(4)))
+    assert main(["judge", "--a", str(a), "--b", str(b), "--judge-model", str(model_dir),
+                 "--output", str(tmp_path / "r.json")]) == 0
+    assert "length-controlled" in capsys.readouterr().out
+    assert 0 <= json.loads((tmp_path / "r.json").read_text())["win_rate"] <= 1
+    b.write_text(json.dumps({"prompt": "other", "output": "x"}) + "\n")
+    assert main(["judge", "--a", str(a), "--b", str(b), "--judge-model", str(model_dir)]) == 2
+    assert "same prompts" in capsys.readouterr().err

@@ -231,3 +231,11 @@ def test_terminal_chat_keeps_the_conversation(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("model> ") == 2
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
