@@ -13,12 +13,13 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, RequestOutput
@@ -108,44 +109,81 @@ class AsyncEngine:
 
 
 # ---- request schemas (OpenAI's field names) ---------------------------------------------------------
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer; true/false and "1" are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**bounds: Any) -> Any:
+    """An integer field that also takes integral floats (bounds first, so /openapi.json shows them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # The bounds are in the schema (so /openapi.json documents them) and are checked again by SamplingParams.
+    model_config = ConfigDict(extra="ignore", strict=True)  # no "1.0" -> 1 or 0 -> False coercions
     model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
+    max_tokens: Int(ge=1) | None = None
+    max_completion_tokens: Int(ge=1) | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Int(ge=1, le=16) = 1
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: Int() | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # extensions vLLM users expect
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
+    top_k: Int(ge=-1) = 0
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    guided_json: dict[str, Any] | None = None
+    guided_regex: Annotated[str, Field(min_length=1)] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
-    logprobs: int | None = None
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Int(ge=0)], Field(min_length=1)]
+    logprobs: Int(ge=0, le=20) | None = None
     echo: bool = False
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None  # only text parts: this server has no image/audio input
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int(ge=0, le=20) | None = None
     response_format: dict[str, Any] | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+STREAMING = {200: {"description": "a completion, or with stream=true a text/event-stream of chunks",
+                   "content": {"application/json": {}, "text/event-stream": {}}}}
+ERRORS = {400: {"model": ErrorBody, "description": "invalid request"},
+          401: {"model": ErrorBody, "description": "missing or wrong API key"},
+          404: {"model": ErrorBody, "description": "unknown model"},
+          500: {"model": ErrorBody, "description": "engine failure"}}
 
 
 class APIError(Exception):
@@ -192,16 +230,10 @@ def _params(req: _Common, logprobs: int | None) -> SamplingParams:
         raise APIError(400, str(e)) from None
 
 
-def _content_text(content: str | list[dict[str, Any]] | None) -> str:
+def _content_text(content: str | list[TextPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise APIError(400, f"message content part of type {part.get('type')!r} is not supported (text only)",
-                           "messages")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
+    return "".join(part.text for part in content)
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -218,6 +250,14 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # e.g. a body that cannot be parsed, an unknown route or method: still an OpenAI-style error body
+        response = _error(exc.status_code, str(exc.detail),
+                          kind="invalid_request_error" if exc.status_code < 500 else "server_error")
+        response.headers.update(exc.headers or {})  # keeps e.g. the Allow header of a 405
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -243,12 +283,12 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(runner.started),
                                             "owned_by": "lmforge"}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         sched, bm = engine.scheduler, engine.block_manager
         used = bm.num_blocks - bm.num_free_blocks
@@ -293,7 +333,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**STREAMING, **ERRORS})
     async def completions(req: CompletionRequest):
         check_model(req.model)
         if isinstance(req.prompt, str) and tokenizer is None:
@@ -301,7 +341,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         params = _params(req, req.logprobs)
         return await run(req.prompt, params, req.stream, _CompletionRender(model_name, params.n))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**STREAMING, **ERRORS})
     async def chat(req: ChatRequest):
         check_model(req.model)
         if tokenizer is None or tokenizer.chat_template is None:

@@ -39,6 +39,7 @@ class GrammarBackend:
         info = xgr.TokenizerInfo(vocab, detected["vocab_type"], vocab_size=vocab_size,
                                  stop_token_ids=sorted(stop_token_ids), add_prefix_space=detected["add_prefix_space"])
         self.vocab_size = vocab_size
+        self.stop_token = min(stop_token_ids) if stop_token_ids else None
         self.compiler = xgr.GrammarCompiler(info)
         self._compile = lru_cache(maxsize=64)(self._compile_uncached)
 
@@ -61,28 +62,36 @@ class GrammarBackend:
                 json.loads(source)
             except (TypeError, json.JSONDecodeError) as e:
                 raise LmforgeError(f"invalid json schema: not JSON ({e})") from None
-        return Constraint(self._compile(kind, str(source or "")), self.vocab_size)
+        return Constraint(self._compile(kind, str(source or "")), self.vocab_size, self.stop_token)
 
 
 class Constraint:
     """The grammar state of one sequence."""
 
-    def __init__(self, compiled, vocab_size: int) -> None:
+    def __init__(self, compiled, vocab_size: int, stop_token: int | None = None) -> None:
         xgr = _xgrammar()
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self._apply = xgr.apply_token_bitmask_inplace
+        self.stop_token = stop_token
+        self.dead_end = False  # the grammar admits no token of this vocabulary: the sequence is ended
 
     def mask_(self, logits_row: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids to -inf (in place)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         row = logits_row.view(1, -1)
         self._apply(row, self.bitmask.to(row.device))
+        if not torch.isfinite(row).any():
+            # No token can continue the grammar (e.g. a schema whose strings this vocabulary cannot spell):
+            # end this sequence with its stop token rather than sampling garbage or failing the whole batch.
+            self.dead_end = True
+            if self.stop_token is not None:
+                row[0, self.stop_token] = 0.0
 
     def accept(self, token: int) -> None:
-        if not self.matcher.accept_token(token):
-            raise LmforgeError(f"token {token} violates the grammar (sampled outside the mask?)")
+        if self.dead_end or not self.matcher.accept_token(token):
+            self.dead_end = True
 
     @property
     def done(self) -> bool:
-        return self.matcher.is_terminated()
+        return self.dead_end or self.matcher.is_terminated()
