@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from lmforge.errors import LmforgeError
 
 
 @contextlib.contextmanager
@@ -51,3 +54,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = LmforgeError) -> Iterator[tuple[str, Any]]:
+    """``(file:line, value)`` for each non-blank line of a JSONL file.
+
+    Bad UTF-8 or bad JSON raises ``error`` naming the file and line; what a record must contain is the
+    caller's to check (it knows the field names).
+    """
+    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: not valid JSON ({e.msg})") from None

@@ -73,31 +73,26 @@ def reward_from_spec(spec: str):
 
 @command("grpo", "GRPO with a verifiable reward on prompts with reference answers")(_grpo_args)
 def grpo_cmd(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from lmforge.align.grpo import GRPOConfig, GRPOTrainer
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.errors import LmforgeError
+    from lmforge.io import iter_jsonl
     from lmforge.models.checkpoint import load_model, save_model
 
     path = Path(args.prompts)
     if not path.is_file():
         raise LmforgeError(f"prompt file {path} does not exist")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "messages" not in rec or "answer" not in rec:
-                raise LmforgeError(f"{path}:{n}: needs 'messages' and 'answer'")
-            # Prompt = the conversation up to (not including) the final assistant turn, if any.
-            msgs = rec["messages"]
-            if msgs and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]
-            records.append({"messages": msgs, "answer": str(rec["answer"])})
+    for where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or "messages" not in rec or "answer" not in rec:
+            raise LmforgeError(f"{where}: needs 'messages' and 'answer'")
+        # Prompt = the conversation up to (not including) the final assistant turn, if any.
+        msgs = rec["messages"]
+        if msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        records.append({"messages": msgs, "answer": str(rec["answer"])})
     cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, beta=args.beta,
                      seed=args.seed)

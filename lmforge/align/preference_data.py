@@ -13,7 +13,6 @@ Labels are -100 everywhere except on the completion's tokens, so losses compare 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -22,6 +21,7 @@ import torch
 
 from lmforge.data.sft import ROLES, SequenceTooLong
 from lmforge.errors import LmforgeError
+from lmforge.io import iter_jsonl
 from lmforge.train.objectives import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
@@ -79,29 +79,17 @@ def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise LmforgeError(f"preference data file {path} does not exist")
     pairs = []
-    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
-        for n, raw in enumerate(fh, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LmforgeError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise LmforgeError(f"{where}: record must be a JSON object, got {type(record).__name__}")
-            for field in FIELDS:
-                if field not in record:
-                    raise LmforgeError(f"{where}: record has no '{field}' field")
-            values = [_check_field(record[f], f, where) for f in FIELDS]
-            pair = PreferencePair(*values, source=where)
-            if pair.chosen == pair.rejected:
-                raise LmforgeError(f"{where}: 'chosen' and 'rejected' are identical")
-            pairs.append(pair)
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise LmforgeError(f"{where}: record must be a JSON object, got {type(record).__name__}")
+        for field in FIELDS:
+            if field not in record:
+                raise LmforgeError(f"{where}: record has no '{field}' field")
+        values = [_check_field(record[f], f, where) for f in FIELDS]
+        pair = PreferencePair(*values, source=where)
+        if pair.chosen == pair.rejected:
+            raise LmforgeError(f"{where}: 'chosen' and 'rejected' are identical")
+        pairs.append(pair)
     if not pairs:
         raise LmforgeError(f"{path} holds no preference pairs")
     return pairs

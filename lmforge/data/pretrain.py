@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_file
+from lmforge.io import atomic_file, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +71,14 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", glob: 
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
-        for n, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise LmforgeError(f"{path}:{n}: record has no {field!r} field")
-            text = record[field]
-            if not isinstance(text, str):
-                raise LmforgeError(f"{path}:{n}: field {field!r} must be a string, got {type(text).__name__}")
-            if text:
-                yield text
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict) or field not in record:
+            raise LmforgeError(f"{where}: record has no {field!r} field")
+        text = record[field]
+        if not isinstance(text, str):
+            raise LmforgeError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
+        if text:
+            yield text
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:

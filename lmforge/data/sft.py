@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.io import iter_jsonl
 from lmforge.train.objectives import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -46,22 +46,10 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     if not path.is_file():
         raise LmforgeError(f"data file {path} does not exist")
     out = []
-    with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
-        for n, raw in enumerate(fh, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LmforgeError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise LmforgeError(f"{where}: record has no 'messages' field")
-            out.append(validate_messages(record["messages"], where))
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise LmforgeError(f"{where}: record has no 'messages' field")
+        out.append(validate_messages(record["messages"], where))
     if not out:
         raise LmforgeError(f"{path} holds no conversations")
     return out

@@ -69,25 +69,19 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _read_outputs(path: str) -> list[dict]:
-    import json
     from pathlib import Path
 
     from lmforge.errors import LmforgeError
+    from lmforge.io import iter_jsonl
 
     file = Path(path)
     if not file.is_file():
         raise LmforgeError(f"{file} does not exist")
     rows = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{file}:{n}: not valid JSON ({e.msg})") from None
+    for where, rec in iter_jsonl(file):
         for field in ("prompt", "output"):
-            if not isinstance(rec.get(field), str):
-                raise LmforgeError(f"{file}:{n}: needs a string '{field}'")
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise LmforgeError(f"{where}: needs a string '{field}'")
         rows.append(rec)
     return rows
 

@@ -20,7 +20,6 @@ A task file looks like::
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import ConfigError
+from lmforge.io import iter_jsonl
 
 TaskType = Literal["multiple_choice", "generate", "perplexity", "code"]
 TASK_TYPES: tuple[str, ...] = ("multiple_choice", "generate", "perplexity", "code")
@@ -179,17 +179,10 @@ def read_jsonl(path: Path, source: Path | None = None) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{where}data file {path} does not exist")
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict):
-                raise ConfigError(f"{path}:{n}: each line must be a JSON object")
-            docs.append(doc)
+    for line_at, doc in iter_jsonl(path, error=ConfigError):
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{line_at}: each line must be a JSON object")
+        docs.append(doc)
     if not docs:
         raise ConfigError(f"{where}data file {path} has no records")
     return docs
