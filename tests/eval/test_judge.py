@@ -57,46 +57,28 @@ def test_logprob_judge_on_a_tiny_model(model_dir):
 
 
 def test_unreachable_judge_endpoint_is_a_clear_error():
-    import socket
-
     from lmforge.errors import LmforgeError
     from lmforge.eval.judge import EndpointJudge
 
-    with socket.socket() as s:  # a port with nothing listening on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "judge", timeout=5)
+    from ..serve.tiny_server import free_port
+
+    judge = EndpointJudge(f"http://127.0.0.1:{free_port()}/v1", "judge", timeout=5)  # nothing listens there
     with pytest.raises(LmforgeError, match="unreachable"):
         judge("q", "a", "b")
 
 
 def test_endpoint_judge_against_an_lmforge_server(model_dir):
-    import threading
-    import time
-
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from lmforge.eval.judge import EndpointJudge, pairwise_preferences
     from lmforge.serve.engine import Engine
     from lmforge.serve.server import build_app
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(Engine(model_dir), "judge"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "judge")
+    from ..serve.tiny_server import running
+
+    with running(build_app(Engine(model_dir), "judge")) as base:
+        judge = EndpointJudge(f"{base}/v1", "judge")
         prefs = pairwise_preferences(judge, ["q1", "q2"], ["short", "a"], ["longer answer", "b"])
         assert prefs.p.shape == (2,) and ((0 <= prefs.p) & (prefs.p <= 1)).all()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_judge_cli(model_dir, tmp_path, capsys):

@@ -7,27 +7,16 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-
-def _app(tmp_path_factory):
-    from lmforge import save_model
-    from lmforge.data.tokenizer import train_bpe_tokenizer
-    from lmforge.models.config import Config
-    from lmforge.models.model import Transformer
-    from lmforge.serve.engine import Engine
-    from lmforge.serve.server import build_app
-
-    root = tmp_path_factory.mktemp("fuzz")
-    tok = train_bpe_tokenizer(["hello world, the quick brown fox jumps over the lazy dog. " * 30], vocab_size=300)
-    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                              max_position_embeddings=128, eos_token_id=tok.eos_ids))
-    save_model(Transformer(cfg).init_weights(std=0.2, seed=0), root / "tiny", tokenizer=tok)
-    return build_app(Engine(root / "tiny", max_num_batched_tokens=64), "tiny")
+from .tiny_server import save_tiny_chat_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    return _app(tmp_path_factory)
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.server import build_app
+
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("fuzz") / "tiny", layers=1, heads=2, kv_heads=1)
+    return build_app(Engine(path, max_num_batched_tokens=64), "tiny")
 
 
 def test_fuzz_never_5xx(app):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
+
+from .tiny_server import running, save_tiny_chat_model
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -17,32 +17,13 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from lmforge import save_model
-    from lmforge.data.tokenizer import train_bpe_tokenizer
-    from lmforge.models.config import Config
-    from lmforge.models.model import Transformer
     from lmforge.serve.engine import Engine
     from lmforge.serve.server import build_app
 
-    root = tmp_path_factory.mktemp("srv")
-    tok = train_bpe_tokenizer(["hello world, the quick brown fox jumps over the lazy dog. " * 30], vocab_size=300)
-    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=128, eos_token_id=tok.eos_ids))
-    save_model(Transformer(cfg).init_weights(std=0.2, seed=0), root / "tiny", tokenizer=tok)
-    app = build_app(Engine(root / "tiny", max_num_batched_tokens=64), "tiny", api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("srv") / "tiny")
+    app = build_app(Engine(path, max_num_batched_tokens=64), "tiny", api_key=KEY)
+    with running(app) as base:
+        yield base, app
 
 
 @pytest.fixture
@@ -216,16 +197,8 @@ def test_terminal_chat_keeps_the_conversation(tmp_path):
     import subprocess
     import sys
 
-    from lmforge import save_model
-    from lmforge.data.tokenizer import train_bpe_tokenizer
-    from lmforge.models.config import Config
-    from lmforge.models.model import Transformer
-
-    tok = train_bpe_tokenizer(["hello there, how are you? " * 20], vocab_size=300)
-    cfg = Config.from_hf(dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                              max_position_embeddings=256, eos_token_id=tok.eos_ids))
-    save_model(Transformer(cfg).init_weights(seed=0), tmp_path / "m", tokenizer=tok)
+    save_tiny_chat_model(tmp_path / "m", corpus="hello there, how are you? ", layers=1, heads=2, kv_heads=1,
+                         context=256, init_std=0.02)
     r = subprocess.run([sys.executable, "-m", "lmforge.cli", "chat", "--model", str(tmp_path / "m"),
                         "--max-new-tokens", "5", "--seed", "0"], input="hello\n/reset\nhow are you\n/quit\n",
                        capture_output=True, text=True, timeout=120)
