@@ -178,10 +178,14 @@ class Engine:
         seqs = [batch[j].seq for j in sample_idx]
         if not seqs:
             return []
-        for i, seq in enumerate(seqs):
-            if seq.constraint is not None:
-                seq.constraint.mask_(logits[i])
-        result = self.sampler(logits, seqs)
+        raw = None
+        if any(seq.constraint is not None for seq in seqs):
+            # Logprobs describe the model's own distribution, so keep it before the grammar masks tokens.
+            raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
+            for i, seq in enumerate(seqs):
+                if seq.constraint is not None:
+                    seq.constraint.mask_(logits[i])
+        result = self.sampler(logits, seqs, raw_logits=raw)
         touched: dict[str, _Request] = {}
         for i, seq in enumerate(seqs):
             token = result.tokens[i]

@@ -61,12 +61,16 @@ def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -
 
 
 class Sampler:
-    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> SampleResult:
-        """One new token per row of ``logits`` [B, V] (float32), row i belonging to ``seqs[i]``."""
+    def __call__(self, logits: Tensor, seqs: list[Sequence], raw_logits: Tensor | None = None) -> SampleResult:
+        """One new token per row of ``logits`` [B, V] (float32), row i belonging to ``seqs[i]``.
+
+        ``raw_logits``: the model's distribution before output constraints masked ``logits``; logprobs
+        are reported from it (default: ``logits``).
+        """
         device = logits.device
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
-        raw = logits
+        raw = logits if raw_logits is None else raw_logits
         f32 = dict(device=device, dtype=torch.float32)
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
             logits = apply_penalties(

@@ -65,6 +65,9 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (>= 0)")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        # torch generators take seeds in [-2**63, 2**64 - 1]; sample i uses seed + i.
+        need(self.seed is None or -2**63 <= self.seed <= 2**64 - self.n,
+             f"seed must be in [-2**63, 2**64 - n], got {self.seed}")
         need(sum(x is not None and x is not False for x in (self.json_schema, self.json_object or None, self.regex)) <= 1,
              "use at most one of json_schema, json_object and regex")
         return self

@@ -131,7 +131,7 @@ class _Common(BaseModel):
     n: Int(ge=1, le=16) = 1
     stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
-    seed: Int() | None = None
+    seed: Int(ge=-2**63, le=2**64 - 1) | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # extensions vLLM users expect

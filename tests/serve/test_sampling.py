@@ -187,3 +187,14 @@ def test_abort_frees_blocks(tiny_model):
     bm = engine.block_manager
     assert not engine.requests and not engine.scheduler.has_work()
     assert bm.num_free_blocks == 64 and all(c == 0 for c in bm.ref_count)
+
+
+def test_out_of_range_seed_is_rejected_up_front():
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.sequence import SamplingParams
+
+    SamplingParams(seed=2**64 - 2, n=2).validate()
+    with pytest.raises(LmforgeError, match="seed must be in"):
+        SamplingParams(seed=2**64, n=1).validate()
+    with pytest.raises(LmforgeError, match="seed must be in"):
+        SamplingParams(seed=2**64 - 1, n=2).validate()

@@ -212,3 +212,20 @@ def test_chat_logprobs(client):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
+
+
+def test_logprobs_under_a_grammar_are_finite(client):
+    """Logprobs come from the model's distribution, not the grammar-masked one (no -inf in the JSON)."""
+    r = client.completions.create(model="tiny", prompt="the", max_tokens=4, temperature=1.0, seed=0, logprobs=5,
+                                  extra_body={"guided_regex": "[0-9]{4}"})
+    import math
+    assert all(math.isfinite(x) for x in r.choices[0].logprobs.token_logprobs)
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       seed=0, logprobs=True, top_logprobs=5, response_format={"type": "json_object"})
+    assert all(math.isfinite(t.logprob) for c_ in c.choices[0].logprobs.content for t in c_.top_logprobs)
+
+
+def test_huge_seed_is_a_400(server):
+    r = httpx.post(server[0] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                   json={"model": "tiny", "prompt": "hi", "seed": 2**70})
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
