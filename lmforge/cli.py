@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 from lmforge.errors import LmforgeError

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,6 @@ from torch import nn
 from lmforge.data.sft import pad_collate
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_file
-from lmforge.models.config import Config
 from lmforge.models.model import Transformer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.objectives import IGNORE_INDEX, distillation_loss, token_cross_entropy
