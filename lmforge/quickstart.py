@@ -63,12 +63,10 @@ def _write_corpus(files: list[Path], path: Path) -> None:
 
 def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
     """Greedy answers to the user turns, scored by the last number against the reference."""
-    import torch
-
     from lmforge.data.synthetic import exact_match_accuracy
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
-    from lmforge.models.generate import generate
+    from lmforge.models.generate import generate, left_pad
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)  # its eos ids include <|im_end|>
     completions = []
@@ -76,12 +74,7 @@ def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # left padding for generation
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(prompts, tokenizer.pad_id or 0)
         out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
                        eos_ids=tokenizer.eos_ids)
         for row in out.tolist():

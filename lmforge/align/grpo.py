@@ -22,7 +22,7 @@ from lmforge.align.losses import grpo_loss, group_advantages, token_logprobs
 from lmforge.align.rewards import safe_reward
 from lmforge.data.sampler import StepSampler
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.models.generate import generate
+from lmforge.models.generate import generate, left_pad
 from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.trainer import MetricsLog, lr_multiplier, plot_metrics
 
@@ -55,16 +55,6 @@ class GRPOConfig:
             raise ConfigError("GRPO field 'group_size' must be >= 2: advantages compare samples within a group")
         if self.temperature <= 0:
             raise ConfigError("GRPO field 'temperature' must be > 0: groups need diverse samples")
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return ids, mask
 
 
 def _cut_at_eos(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
@@ -123,7 +113,7 @@ class GRPOTrainer:
         chosen = self.sampler.indices(step)
         prompts = [self.encoded[i] for i in chosen for _ in range(cfg.group_size)]
         answers = [self.prompts[i]["answer"] for i in chosen for _ in range(cfg.group_size)]
-        ids, mask = _left_pad(prompts, self.pad_id)
+        ids, mask = left_pad(prompts, self.pad_id)
         self.model.eval()
         t0 = time.perf_counter()
         out = generate(self.model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

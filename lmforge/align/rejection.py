@@ -20,7 +20,7 @@ from lmforge.align.rewards import safe_reward
 from lmforge.data.sft import validate_messages
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.models.generate import generate
+from lmforge.models.generate import generate, left_pad
 from lmforge.models.model import Transformer
 
 RewardFn = Callable[[str, str], float]
@@ -72,16 +72,6 @@ class RejectionStats:
     results: list[PromptResult] = field(default_factory=list, repr=False)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def _pad_id(tokenizer) -> int:
     if tokenizer.pad_id is not None:
         return tokenizer.pad_id
@@ -102,7 +92,7 @@ def sample_completions(model: Transformer, tokenizer, prompts: Sequence[Messages
         for chunk_no, start in enumerate(range(0, len(prompts), cfg.prompts_per_batch)):
             chunk = prompts[start:start + cfg.prompts_per_batch]
             encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in chunk]
-            ids, mask = _left_pad([e for e in encoded for _ in range(cfg.n)], pad_id)
+            ids, mask = left_pad([e for e in encoded for _ in range(cfg.n)], pad_id)
             # A seed per chunk: reproducible, yet different chunks draw different samples.
             tokens = generate(model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos, seed=cfg.seed * 1_000_003 + chunk_no)

@@ -146,7 +146,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
                    stop: Sequence[str] = (), batch_size: int = 16, temperature: float = 0.0,
                    seed: int | None = None) -> list[str]:
     """Completions of ``prompts`` (left-padded batches), cut at EOS and at the first stop string."""
-    from lmforge.models.generate import generate
+    from lmforge.models.generate import generate, left_pad
 
     limit = model_max_length(model) - max_new_tokens
     if limit < 1:
@@ -159,13 +159,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     out: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = len(encoded[idx[0]])
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            e = encoded[i]
-            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
-            mask[r, width - len(e):] = 1
+        ids, mask = left_pad([encoded[i] for i in idx], pad)
         new = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                        eos_ids=eos, seed=None if seed is None else seed + start)
         for r, i in enumerate(idx):

@@ -42,6 +42,17 @@ def compiled_decode_core(model: Transformer) -> Callable:
     return _COMPILED[model]
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id lists -> ``(input_ids, attention_mask)`` [B, T], padded on the left as generation expects."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None,
                     max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,

@@ -390,8 +390,6 @@ class Trainer:
         if path is None:
             return False
         state, opt, trainable = ckpt.read_checkpoint(path)
-        if state.get("world_size", 1) != self.dist.world and self.cfg.grad_accum:
-            pass  # the sampler is defined by the global batch; a different world size changes it (warned below)
         if self.lora is not None:
             if trainable is None:
                 raise LmforgeError(f"{path} has no trainable.safetensors; it was not written by a LoRA run")
