@@ -83,6 +83,15 @@ class PreferenceDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.items[i]
 
+    def split_off(self, n: int) -> "PreferenceDataset | None":
+        """Move the first ``n`` pairs into a new dataset (held-out pairs); None when ``n`` is 0."""
+        if n <= 0:
+            return None
+        held = PreferenceDataset.__new__(PreferenceDataset)
+        held.items, held.dropped = self.items[:n], 0
+        self.items = self.items[n:]
+        return held
+
 
 @torch.no_grad()
 def cache_reference_logps(trainer: Trainer, datasets: Sequence[PreferenceDataset | None],

@@ -39,16 +39,18 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None)
         from lmforge.data.pretrain import PackedDataset, build_token_cache
 
         cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir).parent / "token_cache")
+
+        def caches_():
+            return build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
+                                     val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                                     glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+
         # Rank 0 tokenizes; the others wait, then find the finished cache.
         if rank == 0:
-            caches = build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
-                                       val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                                       glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+            caches = caches_()
         barrier()
         if rank != 0:
-            caches = build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
-                                       val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                                       glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+            caches = caches_()
         train = PackedDataset(caches.train, cfg.data.seq_len)
         val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
         desc = f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
@@ -59,12 +61,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None)
         if cfg.data.val:
             train, val = full, PreferenceDataset(cfg.data.val, tokenizer, cfg.data.seq_len)
         else:
-            n_val = int(len(full) * cfg.data.val_fraction)
-            train, val = full, None
-            if n_val:
-                val = PreferenceDataset.__new__(PreferenceDataset)
-                val.items, val.dropped = full.items[:n_val], 0
-                train.items = full.items[n_val:]
+            train, val = full, full.split_off(int(len(full) * cfg.data.val_fraction))
         desc = f"{len(train):,} preference pairs" + (f" ({full.dropped} dropped: too long)" if full.dropped else "")
     else:
         from lmforge.data.sft import SFTDataset, read_chat_jsonl
