@@ -172,6 +172,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.attend is not None:  # the serving engine keeps K/V in its own paged pool and attends per sequence
+            y = ctx.attend(self, q, k, v, layer)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         if ctx.slot is not None:  # decode_step: write at a tensor slot, attend over the whole buffer (masked)
             ctx.cache.keys[layer].index_copy_(2, ctx.slot, k)
             ctx.cache.values[layer].index_copy_(2, ctx.slot, v)
@@ -182,13 +185,17 @@ class Attention(nn.Module):
             ctx.cache.values[layer][:, :, ctx.start:end] = v
             k, v = ctx.cache.keys[layer][:, :, :end], ctx.cache.values[layer][:, :, :end]
         mask = ctx.mask_for(self.window)
-        if self.softcap is not None:
-            y = self._softcapped_attention(q, k, v, mask)
-        else:
-            causal = mask is None and ctx.slot is None and ctx.start == 0 and t > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                               enable_gqa=self.n_kv != self.n_heads)
+        causal = mask is None and ctx.slot is None and ctx.start == 0 and t > 1
+        y = self.attention(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
+        """softmax(q k^T * scale [softcapped] + mask) v for q [B, H, T, D], k/v [B, K, S, D] (GQA when K < H).
+        ``causal`` (mask None, T == S) lets SDPA take its fastest path."""
+        if self.softcap is not None:
+            return self._softcapped_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.n_kv != self.n_heads)
 
     def _softcapped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Gemma 2: scores = cap * tanh(scores / cap) before the mask; SDPA has no hook for that."""
@@ -292,6 +299,10 @@ class Block(nn.Module):
 
 class ForwardContext:
     """Per-call state shared by all layers: cache slot offset and masks (built once per window size)."""
+
+    # Hook ``attend(attention_module, q, k, v, layer) -> y [B, H, T, D]`` (after RoPE): lets a caller with its
+    # own KV storage (the serving engine's paged pool) store k/v and attend itself. None: the paths below.
+    attend = None
 
     def __init__(self, cache: KVCache | None, start: int, t: int, valid: Tensor | None, padded: bool,
                  collect_router_logits: bool, slot: Tensor | None = None) -> None:

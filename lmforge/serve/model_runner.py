@@ -1,12 +1,13 @@
 """One forward pass over a mixed batch (prefill chunks + decode tokens) with a paged KV pool.
 
 All new tokens of the step are packed into one row [1, N]; projections, norms and MLPs run on it as one
-batch, through the model's own ``Block`` modules. Attention gets a duck-typed ``ForwardContext``: each
-layer's "cache" is the sequences' KV gathered from their blocks into one buffer [1, K, S, D] (S = the
-sum of their context lengths), the new keys/values land at their buffer slots through the model's decode
-path (``ctx.slot``), and a block-diagonal causal (and windowed) mask keeps sequences apart. After the
-pass the new keys/values are scattered back into the pool. The mask costs O(N * S) per layer, fine for
-CPU-sized batches; a varlen / paged attention kernel is the GPU upgrade.
+batch, through the model's own ``Block`` modules. Attention goes through the model's ``ctx.attend`` hook
+(``_PagedAttention``): each layer writes the step's new keys/values straight into their pool slots, then
+attends per sequence over keys gathered from that sequence's blocks only, so the cost is the sum of each
+sequence's (new tokens x context), not (all new tokens x all contexts):
+  - decode tokens (one query each) run as one padded batch [B, H, 1, D] over [B, K, S_max, D];
+  - each prefill chunk runs alone: queries [1, H, n, D] over its own context, causal from its offset.
+A varlen / paged attention kernel (FlashAttention, FlexAttention) is the GPU upgrade of the same plan.
 """
 
 from __future__ import annotations
@@ -18,43 +19,73 @@ from lmforge.models.model import Transformer
 from lmforge.serve.scheduler import ScheduledSeq
 
 
-class _Gathered:
-    """Per-layer contiguous K (or V) buffers, gathered from the pool on first use in this step."""
+class _Chunk:
+    """One prefill chunk: queries at rows [row, row + n) of the step; its context is the first
+    ``start + n`` slots of the blocks ``blocks``."""
 
-    def __init__(self, pools: list[Tensor], ctx_slots: Tensor) -> None:
-        self.pools, self.ctx_slots = pools, ctx_slots
-        self.buffers: dict[int, Tensor] = {}
+    def __init__(self, row: int, n: int, start: int, blocks: Tensor) -> None:
+        self.row, self.n, self.start, self.blocks = row, n, start, blocks
+        self.masks: dict[int | None, Tensor | None] = {}
 
-    def __getitem__(self, layer: int) -> Tensor:
-        if layer not in self.buffers:
-            pool = self.pools[layer]
-            flat = pool.view(-1, pool.shape[2], pool.shape[3])  # [blocks * block_size, K, D]
-            self.buffers[layer] = flat[self.ctx_slots].permute(1, 0, 2).unsqueeze(0)  # [1, K, S, D]
-        return self.buffers[layer]
+    def mask_for(self, window: int | None) -> Tensor | None:
+        total = self.start + self.n
+        if window is not None and total <= window:
+            window = None  # cannot bite
+        if window not in self.masks:
+            if self.start == 0 and window is None:
+                self.masks[window] = None  # plain causal
+            else:
+                q = torch.arange(self.start, total, device=self.blocks.device)[:, None]
+                k = torch.arange(total, device=self.blocks.device)[None]
+                allowed = k <= q
+                if window is not None:
+                    allowed &= q - k < window
+                self.masks[window] = allowed[None, None]
+        return self.masks[window]
 
 
-class _PagedCache:
-    def __init__(self, k_pool: list[Tensor], v_pool: list[Tensor], ctx_slots: Tensor) -> None:
-        self.keys, self.values = _Gathered(k_pool, ctx_slots), _Gathered(v_pool, ctx_slots)
+class _PagedAttention:
+    """Duck-types ``ForwardContext`` for ``Block.forward``; ``attend`` is called by every attention layer."""
 
-
-class _PagedContext:
-    """Stands in for ``ForwardContext`` on the ``slot`` (decode) path of ``Attention.forward``."""
-
-    def __init__(self, cache: _PagedCache, slot: Tensor, q_seg: Tensor, q_pos: Tensor, k_seg: Tensor,
-                 k_pos: Tensor) -> None:
-        self.cache, self.slot = cache, slot  # slot: buffer index of each new token [N]
+    def __init__(self, k_pool: list[Tensor], v_pool: list[Tensor], new_slots: Tensor, decode_rows: Tensor,
+                 decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor, chunks: list[_Chunk]) -> None:
+        self.k_pool, self.v_pool, self.new_slots = k_pool, v_pool, new_slots  # new_slots: pool slot per new token [N]
+        self.decode_rows, self.decode_blocks = decode_rows, decode_blocks  # [B], [B, blocks_max] (padding -> block 0)
+        self.decode_valid, self.decode_pos = decode_valid, decode_pos  # [B, S_max] bool, [B] query positions
+        self.chunks = chunks
         self.router_logits = None  # MoE: no load-balancing stats at inference
-        self.q_seg, self.q_pos, self.k_seg, self.k_pos = q_seg, q_pos, k_seg, k_pos
-        self._masks: dict[int | None, Tensor] = {}
+        self._decode_masks: dict[int | None, Tensor] = {}
 
-    def mask_for(self, window: int | None) -> Tensor:
-        if window not in self._masks:
-            allowed = (self.q_seg[:, None] == self.k_seg[None]) & (self.k_pos[None] <= self.q_pos[:, None])
+    def _decode_mask(self, window: int | None) -> Tensor:
+        if window not in self._decode_masks:
+            allowed = self.decode_valid
             if window is not None:
-                allowed &= self.q_pos[:, None] - self.k_pos[None] < window
-            self._masks[window] = allowed[None, None]  # [1, 1, N, S]
-        return self._masks[window]
+                k_pos = torch.arange(allowed.shape[1], device=allowed.device)[None]
+                allowed = allowed & (self.decode_pos[:, None] - k_pos < window)
+            self._decode_masks[window] = allowed[:, None, None, :]  # [B, 1, 1, S_max]
+        return self._decode_masks[window]
+
+    def attend(self, attn, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]  # [blocks, block_size, K, D]
+        k_pool.flatten(0, 1).index_copy_(0, self.new_slots, k[0].transpose(0, 1))
+        v_pool.flatten(0, 1).index_copy_(0, self.new_slots, v[0].transpose(0, 1))
+        # Gather whole blocks (index_select copies contiguous block_size * K * D runs), not single slots.
+        y = torch.empty_like(q)
+        if self.decode_rows.numel():
+            b, s_max = self.decode_valid.shape
+            qd = q[0][:, self.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            blocks = self.decode_blocks.flatten()
+            kd = k_pool.index_select(0, blocks).view(b, s_max, *k_pool.shape[2:]).transpose(1, 2)  # [B, K, S_max, D]
+            vd = v_pool.index_select(0, blocks).view(b, s_max, *v_pool.shape[2:]).transpose(1, 2)
+            yd = attn.attention(qd, kd, vd, self._decode_mask(attn.window))
+            y[0][:, self.decode_rows] = yd.squeeze(2).transpose(0, 1)
+        for c in self.chunks:
+            total = c.start + c.n
+            kc = k_pool.index_select(0, c.blocks).flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)  # [1, K, total, D]
+            vc = v_pool.index_select(0, c.blocks).flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)
+            mask = c.mask_for(attn.window)
+            y[:, :, c.row:c.row + c.n] = attn.attention(q[:, :, c.row:c.row + c.n], kc, vc, mask, causal=mask is None)
+        return y
 
 
 class ModelRunner:
@@ -77,31 +108,37 @@ class ModelRunner:
         batch entries (default: all of them), float32."""
         model, cfg, bs = self.model, self.model.config, self.block_size
         device = model.device
-        ids, q_pos, q_seg, new_idx, ctx_slots, k_pos, k_seg, last = [], [], [], [], [], [], [], []
-        offset = n_new = 0
-        for i, item in enumerate(batch):
+        ids, q_pos, new_slots, last = [], [], [], []
+        decode_rows, decode_tables, decode_lens, chunks = [], [], [], []
+        row = 0
+        for item in batch:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_tokens
             total = start + n
             ids.extend(seq.tokens[start:total])
             table = torch.tensor(seq.block_table[:-(-total // bs)], dtype=torch.long)
-            ctx_slots.append((table[:, None] * bs + torch.arange(bs)).flatten()[:total])
-            positions = torch.arange(total)
-            k_pos.append(positions)
-            k_seg.append(torch.full((total,), i))
-            q_pos.append(positions[start:])
-            q_seg.append(torch.full((n,), i))
-            new_idx.append(positions[start:] + offset)
-            offset += total
-            n_new += n
-            last.append(n_new - 1)
+            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:total]
+            new_slots.append(slots[start:])
+            q_pos.append(torch.arange(start, total))
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(table)
+                decode_lens.append(total)
+            else:
+                chunks.append(_Chunk(row, n, start, table.to(device)))
+            row += n
+            last.append(row - 1)
         to = dict(device=device, dtype=torch.long)
         input_ids = torch.tensor(ids, **to)[None]
-        ctx_slots_t = torch.cat(ctx_slots).to(device)
-        slot = torch.cat(new_idx).to(device)
         positions = torch.cat(q_pos).to(device)
-        cache = _PagedCache(self.k_pool, self.v_pool, ctx_slots_t)
-        ctx = _PagedContext(cache, slot, torch.cat(q_seg).to(device), positions,
-                            torch.cat(k_seg).to(device), torch.cat(k_pos).to(device))
+        width = max((len(x) for x in decode_tables), default=0)
+        padded = torch.zeros(len(decode_tables), width, dtype=torch.long)
+        for i, x in enumerate(decode_tables):
+            padded[i, :len(x)] = x
+        lens = torch.tensor(decode_lens, dtype=torch.long)
+        valid = torch.arange(width * bs)[None] < lens[:, None]
+        ctx = _PagedAttention(self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
+                              torch.tensor(decode_rows, **to), padded.to(device), valid.to(device),
+                              (lens - 1).to(device), chunks)
 
         # The prologue/epilogue of Transformer.forward; the blocks themselves are the model's.
         x = model.model.embed_tokens(input_ids)
@@ -114,14 +151,6 @@ class ModelRunner:
             cos, sin = model._rope(positions[None], x.dtype)
         for block in model.model.layers:
             x = block(x, cos, sin, ctx)
-
-        # Write this step's keys/values back to their pages.
-        new_slots = ctx_slots_t[slot]
-        for pools, gathered in ((self.k_pool, cache.keys), (self.v_pool, cache.values)):
-            for layer, buf in gathered.buffers.items():
-                pool = pools[layer]
-                flat = pool.view(-1, pool.shape[2], pool.shape[3])
-                flat[new_slots] = buf[0][:, slot].transpose(0, 1)
 
         rows = last if logits_for is None else [last[j] for j in logits_for]
         h = model.model.norm(x[0, torch.tensor(rows, **to)])
