@@ -120,7 +120,8 @@ def _load_plugins() -> None:
     """Stages register their own subcommands; importing them is cheap (heavy imports are inside)."""
     import importlib
 
-    for module in ("lmforge.train.cli", "lmforge.align.cli", "lmforge.eval.cli", "lmforge.serve.cli", "lmforge.quickstart"):
+    for module in ("lmforge.train.cli", "lmforge.align.cli", "lmforge.align.cli_sampling", "lmforge.eval.cli",
+                   "lmforge.serve.cli", "lmforge.quickstart"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

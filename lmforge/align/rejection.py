@@ -20,6 +20,7 @@ from lmforge.align.rewards import safe_reward
 from lmforge.data.sft import validate_messages
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.io import iter_jsonl
 from lmforge.models.generate import generate, left_pad
 from lmforge.models.model import Transformer
 
@@ -129,6 +130,53 @@ def reward_model_scores(rm: RewardModel, tokenizer, messages: Messages, completi
     return scores
 
 
+def prompt_messages(record: object, where: str) -> Messages:
+    """The chat prompt of a record ``{"messages": [...], "answer"?: ...}``, validated; errors name ``where``."""
+    if not isinstance(record, dict) or "messages" not in record:
+        raise LmforgeError(f"{where}: needs a 'messages' list")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise LmforgeError(f"{where}: 'messages' must be a non-empty list of chat messages")
+    if messages[-1].get("role") == "assistant":
+        raise LmforgeError(f"{where}: 'messages' must not end with an assistant turn "
+                           "(the answer is what gets sampled)")
+    # validate_messages wants an assistant turn (it checks SFT data); check the prompt with a placeholder.
+    validate_messages(messages + [{"role": "assistant", "content": ""}], where)
+    return messages
+
+
+def read_prompt_jsonl(path: str | Path) -> list[dict]:
+    """Prompt records from JSONL: ``messages`` (a final assistant turn, e.g. an SFT answer, is dropped)
+    and an optional reference ``answer``. A bad record raises LmforgeError naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"prompt file {path} does not exist")
+    records = []
+    for where, rec in iter_jsonl(path):
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            rec = {**rec, "messages": msgs[:-1]}
+        messages = prompt_messages(rec, where)
+        records.append({"messages": messages, **({"answer": str(rec["answer"])} if "answer" in rec else {})})
+    if not records:
+        raise LmforgeError(f"prompt file {path} holds no records")
+    return records
+
+
+def score_completions(tokenizer, record: dict, messages: Messages, completions: Sequence[str],
+                      reward_fn: RewardFn | None = None, reward_model: RewardModel | None = None) -> list[float | None]:
+    """One score per completion: ``reward_fn(completion, record["answer"])`` (through ``safe_reward``) or the
+    reward model's. None marks a sample that must not be used: the reward failed or was NaN/inf, or the
+    completion is empty (an empty answer would teach the model to stop at once)."""
+    if reward_model is not None:
+        raw: list[float | None] = [s if math.isfinite(s) else None
+                                   for s in reward_model_scores(reward_model, tokenizer, messages, completions)]
+    else:
+        reference = str(record.get("answer", ""))
+        raw = [safe_reward(reward_fn, c, reference).value for c in completions]
+    return [s if c.strip() else None for s, c in zip(raw, completions)]
+
+
 def _argmax_first(scores: Sequence[float | None]) -> int | None:
     best = None
     for i, s in enumerate(scores):
@@ -147,25 +195,11 @@ def best_of_n(model: Transformer, tokenizer, records: Sequence[dict], cfg: Rejec
     cfg.validate()
     if (reward_fn is None) == (reward_model is None):
         raise LmforgeError("best_of_n needs exactly one of reward_fn and reward_model")
-    prompts = []
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or "messages" not in r:
-            raise LmforgeError(f"prompt record {i} needs a 'messages' list")
-        messages = r["messages"]
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") == "assistant":
-            raise LmforgeError(f"prompt record {i}: 'messages' must be a non-empty chat that does not end "
-                               "with an assistant turn (the answer is what gets sampled)")
-        prompts.append(messages)
+    prompts = [prompt_messages(r, f"prompt record {i}") for i, r in enumerate(records)]
     samples = sample_completions(model, tokenizer, prompts, cfg)
     stats = RejectionStats(prompts=len(prompts))
     for record, messages, completions in zip(records, prompts, samples):
-        if reward_model is not None:
-            raw: list[float | None] = list(reward_model_scores(reward_model, tokenizer, messages, completions))
-        else:
-            reference = str(record.get("answer", ""))
-            raw = [safe_reward(reward_fn, c, reference).value for c in completions]
-        # An empty answer would teach the model to stop at once; it is never a candidate.
-        scores = [s if c.strip() else None for s, c in zip(raw, completions)]
+        scores = score_completions(tokenizer, record, messages, completions, reward_fn, reward_model)
         stats.skipped_samples += sum(s is None for s in scores)
         best = _argmax_first(scores)
         kept = best is not None and (cfg.threshold is None or scores[best] >= cfg.threshold)
@@ -205,5 +239,5 @@ def rejection_sample(model: Transformer, tokenizer, records: Sequence[dict], out
     return stats
 
 
-__all__ = ["PromptResult", "RejectionConfig", "RejectionStats", "best_of_n", "reward_model_scores",
-           "rejection_sample", "sample_completions", "sft_records"]
+__all__ = ["PromptResult", "RejectionConfig", "RejectionStats", "best_of_n", "prompt_messages", "read_prompt_jsonl",
+           "reward_model_scores", "rejection_sample", "sample_completions", "score_completions", "sft_records"]
