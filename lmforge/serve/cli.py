@@ -20,6 +20,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--draft-model", default=None,
+                   help="smaller model with the same tokenizer for speculative decoding (HF directory)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
 
 
 @command("serve", "OpenAI-compatible HTTP server (chat, completions, streaming) over the batching engine")(_serve_args)
@@ -28,7 +31,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name,
           device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-          max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+          max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+          draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
     return 0
 
 

@@ -3,6 +3,8 @@
     engine = Engine("path/to/model", max_num_seqs=32)
     outs = engine.generate(["Hello", "Once upon a time"], SamplingParams(temperature=0, max_tokens=32))
 
+With ``draft_model=`` (same vocabulary, smaller) every step also speculates: see ``speculative.py``.
+
 A server drives ``add_request`` / ``step`` / ``abort`` itself (one driver: ``step`` hands each output to
 its caller only once); ``stream`` is the one-request version of that loop.
 """
@@ -19,10 +21,11 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.models.model import Transformer
 from lmforge.serve.block_manager import BlockManager
-from lmforge.serve.model_runner import ModelRunner
+from lmforge.serve.model_runner import Feed, ModelRunner
 from lmforge.serve.sampler import Sampler
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.sequence import SamplingParams, Sequence
+from lmforge.serve.speculative import Drafter, speculates, verify, warp
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default pool size on CPU; on CUDA a share of the free memory
 
@@ -61,18 +64,30 @@ class Engine:
                  num_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, max_model_len: int | None = None,
-                 kv_cache_bytes: int | None = None) -> None:
+                 kv_cache_bytes: int | None = None, draft_model: Transformer | str | Path | None = None,
+                 num_speculative_tokens: int = 4) -> None:
+        from lmforge.models.checkpoint import load_model
+
         if isinstance(model_or_path, Transformer):
             model = model_or_path.to(device)
         else:
-            from lmforge.models.checkpoint import load_model
-
             model = load_model(model_or_path, dtype=dtype, device=device)
             if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
                 from lmforge.data.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(model_or_path)
         self.model = model.eval()
+        self.draft = None
+        if draft_model is not None:
+            draft = draft_model.to(device) if isinstance(draft_model, Transformer) else \
+                load_model(draft_model, dtype=dtype, device=device)
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise LmforgeError(f"draft model vocabulary ({draft.config.vocab_size}) differs from the target's "
+                                   f"({model.config.vocab_size}); speculative decoding needs the same tokenizer")
+            if num_speculative_tokens < 1:
+                raise LmforgeError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+            self.draft = draft.eval()
+        self.num_speculative_tokens = num_speculative_tokens if self.draft is not None else 0
         self.tokenizer = tokenizer
         cfg = model.config
         self.max_model_len = max_model_len or cfg.max_position_embeddings
@@ -84,12 +99,15 @@ class Engine:
         if num_blocks is None:
             num_blocks = self._default_num_blocks(block_size, max_num_seqs, kv_cache_bytes)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   num_lookahead_slots=self.num_speculative_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size)
+        self.drafter = Drafter(self.draft, num_blocks, block_size) if self.draft is not None else None
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "generated_tokens": 0,
+                      "draft_proposed": 0, "draft_accepted": 0}
 
     def _grammar(self):
         if getattr(self, "_grammar_backend", None) is None:
@@ -102,6 +120,8 @@ class Engine:
 
     def _default_num_blocks(self, block_size: int, max_num_seqs: int, budget: int | None) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, block_size)
+        if self.draft is not None:  # the draft's pool uses the same block ids
+            per_block += ModelRunner.bytes_per_block(self.draft, block_size)
         if budget is None:
             if self.model.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.model.device)
@@ -170,37 +190,33 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress (KV pool too small for any waiting request?)")
             return []
-        sample_idx = [j for j, item in enumerate(batch) if item.samples]
-        logits = self.runner.run(batch, sample_idx)
+        drafts = self.drafter.propose(batch, self._speculation(batch)) if self.drafter is not None else {}
+        feeds = []
+        for j, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            tokens = seq.tokens[start:start + item.num_tokens]
+            if j in drafts:  # the target scores the pending token and every guess: k + 1 distributions
+                feeds.append(Feed(tokens + drafts[j][0], start, seq.block_table, 1 + len(drafts[j][0])))
+            else:
+                feeds.append(Feed(tokens, start, seq.block_table, int(item.samples)))
+        logits = self.runner.run(feeds)
         self.scheduler.postprocess(batch)
         self.stats["steps"] += 1
-        self.stats["computed_tokens"] += sum(item.num_tokens for item in batch)
-        seqs = [batch[j].seq for j in sample_idx]
-        if not seqs:
-            return []
-        raw = None
-        if any(seq.constraint is not None for seq in seqs):
-            # Logprobs describe the model's own distribution, so keep it before the grammar masks tokens.
-            raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
-            for i, seq in enumerate(seqs):
-                if seq.constraint is not None:
-                    seq.constraint.mask_(logits[i])
-        result = self.sampler(logits, seqs, raw_logits=raw)
+        self.stats["computed_tokens"] += sum(len(f.tokens) for f in feeds)
+        plain_rows, plain, verified, row = [], [], [], 0
+        for j, (item, feed) in enumerate(zip(batch, feeds)):
+            if j in drafts:
+                verified.append((item.seq, logits[row:row + feed.num_logits], *drafts[j]))
+            elif feed.num_logits:
+                plain_rows.append(row)
+                plain.append(item.seq)
+            row += feed.num_logits
         touched: dict[str, _Request] = {}
-        for i, seq in enumerate(seqs):
-            token = result.tokens[i]
-            seq.output_ids.append(token)
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(result.logprobs[i])
-                seq.top_logprobs.append(result.top_logprobs[i])
-            self.stats["generated_tokens"] += 1
-            if seq.constraint is not None:
-                seq.constraint.accept(token)
-            reason = self._check_stop(seq, token)
-            if reason is None and seq.constraint is not None and seq.constraint.done:
-                reason = "stop"  # the grammar is complete (its stop token was accepted)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+        if plain:
+            self._sample(logits[plain_rows], plain)
+        for seq, target_logits, guesses, q in verified:
+            self._accept(seq, target_logits, guesses, q)
+        for seq in plain + [v[0] for v in verified]:
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
@@ -209,6 +225,66 @@ class Engine:
                 del self.requests[req.request_id]
             outputs.append(out)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """One new token per sequence through the batched sampler (penalties, grammars, logprobs)."""
+        raw = None
+        if any(seq.constraint is not None for seq in seqs):
+            # Logprobs describe the model's own distribution, so keep it before the grammar masks tokens.
+            raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else None
+            for i, seq in enumerate(seqs):
+                if seq.constraint is not None:
+                    seq.constraint.mask_(logits[i])
+        result = self.sampler(logits, seqs, raw_logits=raw)
+        for i, seq in enumerate(seqs):
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(result.logprobs[i])
+                seq.top_logprobs.append(result.top_logprobs[i])
+            self._emit(seq, result.tokens[i])
+
+    def _speculation(self, batch) -> dict[int, int]:
+        """Draft length per batch entry that speculates this step: decodes with reserved lookahead slots,
+        never past max_tokens or the context length."""
+        ks = {}
+        for j, item in enumerate(batch):
+            seq = item.seq
+            if item.lookahead and item.samples and item.num_tokens == 1 and speculates(seq.params):
+                k = min(item.lookahead, seq.params.max_tokens - len(seq.output_ids) - 1,
+                        self.max_model_len - seq.num_tokens - 1)
+                if k > 0:
+                    ks[j] = k
+        return ks
+
+    def _accept(self, seq: Sequence, target_logits: torch.Tensor, guesses: list[int], q: torch.Tensor) -> None:
+        """Keep the guesses the target agrees with (exact rejection rule) plus the target's next token."""
+        if seq.params.greedy:  # the rule reduces to: keep guesses while they equal the target's argmax
+            best = target_logits.argmax(-1).tolist()
+            n_ok = next((i for i, g in enumerate(guesses) if g != best[i]), len(guesses))
+            nxt = best[n_ok]
+        else:
+            n_ok, nxt = verify(warp(target_logits, seq.params), q, guesses, seq.generator)
+        self.stats["draft_proposed"] += len(guesses)
+        self.stats["draft_accepted"] += n_ok
+        before = seq.num_tokens
+        Drafter.accepted(seq, before, len(guesses), n_ok)
+        for token in guesses[:n_ok] + [nxt]:
+            if self._emit(seq, token):
+                return  # finished: its blocks are already freed
+        seq.num_computed_tokens += n_ok  # the target computed the accepted guesses' KV while verifying
+        self.block_manager.commit(seq)
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """Append one sampled token; True if that finished the sequence."""
+        seq.output_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        reason = self._check_stop(seq, token)
+        if reason is None and seq.constraint is not None and seq.constraint.done:
+            reason = "stop"  # the grammar is complete (its stop token was accepted)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return reason is not None
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

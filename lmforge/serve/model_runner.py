@@ -12,11 +12,24 @@ A varlen / paged attention kernel (FlashAttention, FlexAttention) is the GPU upg
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from lmforge.models.model import Transformer
-from lmforge.serve.scheduler import ScheduledSeq
+
+
+@dataclass
+class Feed:
+    """What one sequence runs this step: ``tokens`` at positions ``start``.. (their KV lands in the blocks of
+    ``block_table``), and how many of the last fed positions want logits: 0 (a prefill chunk that does not
+    finish the prompt), 1 (the next token) or k + 1 (verifying k draft tokens)."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int = 1
 
 
 class _Chunk:
@@ -103,19 +116,18 @@ class ModelRunner:
         return per_token * block_size * model.dtype.itemsize
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], logits_for: list[int] | None = None) -> Tensor:
-        """Feed every scheduled chunk; logits [len(logits_for), vocab] at the last fed token of those
-        batch entries (default: all of them), float32."""
+    def run(self, feeds: list[Feed]) -> Tensor:
+        """Run every feed in one pass; float32 logits [sum of num_logits, vocab], feed by feed."""
         model, cfg, bs = self.model, self.model.config, self.block_size
         device = model.device
-        ids, q_pos, new_slots, last = [], [], [], []
+        ids, q_pos, new_slots, rows = [], [], [], []
         decode_rows, decode_tables, decode_lens, chunks = [], [], [], []
         row = 0
-        for item in batch:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_tokens
+        for feed in feeds:
+            start, n = feed.start, len(feed.tokens)
             total = start + n
-            ids.extend(seq.tokens[start:total])
-            table = torch.tensor(seq.block_table[:-(-total // bs)], dtype=torch.long)
+            ids.extend(feed.tokens)
+            table = torch.tensor(feed.block_table[:-(-total // bs)], dtype=torch.long)
             slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:total]
             new_slots.append(slots[start:])
             q_pos.append(torch.arange(start, total))
@@ -126,7 +138,7 @@ class ModelRunner:
             else:
                 chunks.append(_Chunk(row, n, start, table.to(device)))
             row += n
-            last.append(row - 1)
+            rows.extend(range(row - feed.num_logits, row))
         to = dict(device=device, dtype=torch.long)
         input_ids = torch.tensor(ids, **to)[None]
         positions = torch.cat(q_pos).to(device)
@@ -152,7 +164,6 @@ class ModelRunner:
         for block in model.model.layers:
             x = block(x, cos, sin, ctx)
 
-        rows = last if logits_for is None else [last[j] for j in logits_for]
         h = model.model.norm(x[0, torch.tensor(rows, **to)])
         logits = model.lm_head(h)
         if cfg.final_logit_softcap is not None:

@@ -6,6 +6,8 @@ prompt takes the next chunk that fits (chunked prefill), so long prompts never s
 budget admits waiting requests in arrival order. When the KV pool runs dry, the newest running sequence
 is preempted by recompute: its blocks are freed and it goes back to the front of the queue (its tokens,
 prompt and output, are prefilled again later; the prefix cache usually hands most of them back).
+With speculative decoding (``num_lookahead_slots`` = k), a decode reserves KV slots and budget for k draft
+tokens as well, and is granted fewer when the budget is short (``ScheduledSeq.lookahead``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lmforge.serve.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+    lookahead: int = 0  # extra KV slots reserved after them for draft tokens (decodes only)
 
     @property
     def samples(self) -> bool:
@@ -29,9 +32,11 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 num_lookahead_slots: int = 0) -> None:
         self.bm = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.num_lookahead_slots = num_lookahead_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
@@ -50,16 +55,20 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.bm.can_append(seq, n):
+            ahead = min(self.num_lookahead_slots, budget - 1) if seq.num_tokens - seq.num_computed_tokens == 1 else 0
+            while not self.bm.can_append(seq, n + ahead):
+                if ahead:  # speculation is optional: drop it before preempting anyone
+                    ahead = 0
+                    continue
                 preempted = True
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.bm.append_slots(seq, n)
-                batch.append(ScheduledSeq(seq, n))
-                budget -= n
+                self.bm.append_slots(seq, n + ahead)
+                batch.append(ScheduledSeq(seq, n, ahead))
+                budget -= n + ahead
                 i += 1
                 continue
             break  # seq itself was preempted: it was the newest, nothing after it

@@ -302,6 +302,11 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             "# TYPE lmforge_generation_tokens_per_second gauge",
             f"lmforge_generation_tokens_per_second {runner.generated_tokens / elapsed:.3f}",
         ]
+        if engine.drafter is not None:
+            lines += ["# TYPE lmforge_draft_tokens_proposed_total counter",
+                      f"lmforge_draft_tokens_proposed_total {engine.stats['draft_proposed']}",
+                      "# TYPE lmforge_draft_tokens_accepted_total counter",
+                      f"lmforge_draft_tokens_accepted_total {engine.stats['draft_accepted']}"]
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def run(prompt, params: SamplingParams, stream: bool, render):

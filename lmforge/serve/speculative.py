@@ -1,9 +1,13 @@
-"""Speculative decoding for one request: a small draft model proposes k tokens, the target checks them
-all in one forward pass, and the rejection rule of Leviathan et al. / Chen et al. (2023) keeps the
-output distributed exactly as the target's (greedy: token-identical to greedy target decoding).
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them all in one forward
+pass, and the rejection rule of Leviathan et al. / Chen et al. (2023) keeps the output distributed exactly
+as the target's (greedy: token-identical to greedy target decoding).
 
-Both models use their static ``KVCache``; rejected tokens are dropped with ``KVCache.crop``. Not yet
-wired into the paged ``Engine`` (which would verify many sequences' drafts in one mixed batch).
+Two users of the same rule (``warp`` + ``verify``):
+  - ``Drafter``: inside the paged ``Engine`` (``Engine(..., draft_model=...)``), batched over all decoding
+    sequences of a step. The draft keeps its own KV pool indexed by the *same* block tables as the target,
+    so prefix sharing, preemption and freeing need no extra bookkeeping; the target then verifies every
+    sequence's guesses inside the step's one mixed batch.
+  - ``speculative_generate``: one request with static ``KVCache``s (rejected tokens dropped with ``crop``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import torch
 from torch import Tensor
 
 from lmforge.models.model import Transformer
+from lmforge.serve.model_runner import Feed, ModelRunner
 from lmforge.serve.sampler import filter_logits
-from lmforge.serve.sequence import SamplingParams
+from lmforge.serve.scheduler import ScheduledSeq
+from lmforge.serve.sequence import SamplingParams, Sequence
 
 
 @dataclass
@@ -45,7 +51,8 @@ def warp(logits: Tensor, params: SamplingParams) -> Tensor:
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return int(torch.multinomial(probs.to(generator.device if generator is not None else "cpu"), 1,
+                                 generator=generator))
 
 
 def verify(p: Tensor, q: Tensor, draft: list[int], generator: torch.Generator | None = None) -> tuple[int, int]:
@@ -115,3 +122,58 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids: li
         if t in stops:
             return SpeculativeResult(out[:i + 1], "stop", proposed, accepted, calls)
     return SpeculativeResult(out[:params.max_tokens], "length", proposed, accepted, calls)
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Requests the engine speculates for: the rule needs p and q to be the distributions actually sampled
+    from, so penalties (which change along the draft), grammars and logprobs take the plain path."""
+    return (params.grammar is None and params.logprobs is None and params.repetition_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty)
+
+
+class Drafter:
+    """Batched draft proposals for the engine. ``seq.num_draft_computed`` (set here) counts the tokens whose
+    draft KV is in the draft pool; it lags the target by at most one token after a fully accepted round."""
+
+    def __init__(self, draft: Transformer, num_blocks: int, block_size: int) -> None:
+        self.runner = ModelRunner(draft.eval(), num_blocks, block_size)
+
+    @torch.no_grad()
+    def propose(self, batch: list[ScheduledSeq], ks: dict[int, int]) -> dict[int, tuple[list[int], Tensor]]:
+        """Guesses and their draft distributions q [k, V] for batch entries ``ks`` (index -> k >= 1). Prefill
+        chunks of speculating sequences run through the draft in the same pass, keeping its KV complete."""
+        feeds, owners = [], []
+        for j, item in enumerate(batch):
+            seq = item.seq
+            if j not in ks and not (item.num_tokens > 1 and speculates(seq.params)):
+                continue
+            end = seq.num_computed_tokens + item.num_tokens
+            start = min(getattr(seq, "num_draft_computed", 0), seq.num_computed_tokens)  # preemption resets it
+            feeds.append(Feed(seq.tokens[start:end], start, seq.block_table, 1 if j in ks else 0))
+            seq.num_draft_computed = end
+            if j in ks:
+                owners.append(j)
+        if not feeds:
+            return {}
+        logits = self.runner.run(feeds)  # one row per speculating sequence
+        if not owners:
+            return {}
+        guesses: dict[int, list[int]] = {j: [] for j in owners}
+        qs: dict[int, list[Tensor]] = {j: [] for j in owners}
+        for step in range(max(ks.values())):
+            if step:
+                owners = [j for j in owners if ks[j] > step]
+                feeds = [Feed([guesses[j][-1]], batch[j].seq.num_tokens + step - 1, batch[j].seq.block_table)
+                         for j in owners]
+                logits = self.runner.run(feeds)
+            for row, j in enumerate(owners):
+                seq = batch[j].seq
+                q = warp(logits[row], seq.params)[0]
+                qs[j].append(q)
+                guesses[j].append(_draw(q, seq.generator) if not seq.params.greedy else int(q.argmax()))
+        return {j: (guesses[j], torch.stack(qs[j])) for j in guesses}
+
+    @staticmethod
+    def accepted(seq: Sequence, num_tokens_before: int, k: int, n_ok: int) -> None:
+        """After verification: the draft's KV is valid up to the last accepted guess it was fed."""
+        seq.num_draft_computed = num_tokens_before + min(n_ok, k - 1)
