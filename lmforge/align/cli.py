@@ -49,6 +49,8 @@ def _grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.02, help="KL weight to the starting policy (k3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the run's latest checkpoint in --out (or the one given)")
 
 
 def reward_from_spec(spec: str):
@@ -98,9 +100,120 @@ def grpo_cmd(args: argparse.Namespace) -> int:
                      seed=args.seed)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     trainer = GRPOTrainer(model, tokenizer, records, reward_from_spec(args.reward), cfg, args.out)
-    history = trainer.fit()
-    final = save_model(model, Path(args.out) / "model", tokenizer=tokenizer)
-    first, last = history[0]["reward"], history[-1]["reward"]
-    print(f"mean reward {first:.3f} (step 1) -> {last:.3f} (step {len(history)}); "
-          f"{trainer.skipped} samples skipped (reward failed). Model: {final}")
+    history = trainer.fit(resume=args.resume)
+    if trainer.dist.main:
+        final = save_model(model, Path(args.out) / "model", tokenizer=tokenizer)
+        if history:
+            first, last = history[0], history[-1]
+            print(f"mean reward {first['reward']:.3f} (step {first['step']}) -> {last['reward']:.3f} "
+                  f"(step {last['step']}); {last['skipped_rewards']} samples skipped (reward failed). Model: {final}")
+        else:
+            print(f"nothing to do: the run in {args.out} is already at step {trainer.step}. Model: {final}")
+    if trainer.dist.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+# ---- ppo ---------------------------------------------------------------------------------------
+def _ppo_args(p: argparse.ArgumentParser) -> None:
+    # Defaults are PPOConfig's (a test checks they agree); written out so `lmforge --help` need not import torch.
+    p.add_argument("--model", required=True, help="policy to start from (HF directory with tokenizer)")
+    p.add_argument("--prompts", required=True,
+                   help="JSONL records with 'messages' (chat) and, for --reward, 'answer'")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--reward", default=None,
+                     help="verifiable reward: 'exact_number' (the default), 'regex:PATTERN' or 'module:function' "
+                          "for your own (completion, answer) -> float")
+    how.add_argument("--reward-model", default=None, metavar="PATH",
+                     help="score prompt + completion with this reward model (from `lmforge rm`; same tokenizer)")
+    p.add_argument("--out", default="runs/ppo")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--rollout-batch-size", type=int, default=64,
+                   help="completions per step (one per prompt), all processes together")
+    p.add_argument("--mini-batch-size", type=int, default=8, help="completions per optimizer step")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--kl-coef", type=float, default=0.05, help="per-token KL penalty to the reference (k1)")
+    p.add_argument("--ref-ema", type=float, default=0.99,
+                   help="EMA rate of the reference toward the policy after each step; 0 freezes it")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="value-loss weight")
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--no-normalize-advantages", action="store_true", help="do not whiten the advantages")
+    p.add_argument("--truncated-reward", type=float, default=None,
+                   help="score given to completions without EOS within --max-new-tokens (default: score them as is)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the run's latest checkpoint in --out (or the one given)")
+
+
+def _read_prompt_records(path_arg: str, needs_answer: bool) -> list[dict]:
+    """Prompt records from JSONL: the conversation up to (not including) a final assistant turn, and the answer."""
+    from pathlib import Path
+
+    from lmforge.errors import LmforgeError
+    from lmforge.io import iter_jsonl
+
+    path = Path(path_arg)
+    if not path.is_file():
+        raise LmforgeError(f"prompt file {path} does not exist")
+    records = []
+    for where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or "messages" not in rec or (needs_answer and "answer" not in rec):
+            raise LmforgeError(f"{where}: needs 'messages'" + (" and 'answer'" if needs_answer else ""))
+        msgs = rec["messages"]
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        records.append({"messages": msgs, **({"answer": str(rec["answer"])} if "answer" in rec else {})})
+    if not records:
+        raise LmforgeError(f"prompt file {path} holds no records")
+    return records
+
+
+@command("ppo", "PPO with a value head, a verifiable reward or a reward model, and a KL-penalised reference")(_ppo_args)
+def ppo_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from lmforge.align.ppo import PPOConfig, PPOTrainer
+    from lmforge.align.reward_model import load_reward_model
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.checkpoint import load_model, save_model
+
+    if args.reward_model:
+        reward = load_reward_model(args.reward_model)
+    else:
+        reward = reward_from_spec(args.reward or "exact_number")
+    records = _read_prompt_records(args.prompts, needs_answer=args.reward_model is None)
+    cfg = PPOConfig(steps=args.steps, rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
+                    ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    lr=args.lr, kl_coef=args.kl_coef, ref_ema=args.ref_ema, vf_coef=args.vf_coef, gamma=args.gamma,
+                    lam=args.lam, normalize_advantages=not args.no_normalize_advantages,
+                    truncated_reward=args.truncated_reward, save_every=args.save_every, device=args.device,
+                    seed=args.seed)
+    cfg.validate()  # before loading the model: a bad flag should fail fast
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    trainer = PPOTrainer(model, tokenizer, records, reward, cfg, args.out)
+    if trainer.dist.main:
+        print(f"ppo: {model.config.model_type} with {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(records)} prompts; {trainer.dist.world} process(es) on {trainer.device}")
+    history = trainer.fit(resume=args.resume)
+    if trainer.dist.main:
+        final = save_model(model, Path(args.out) / "model", tokenizer=tokenizer)
+        if history:
+            first, last = history[0], history[-1]
+            print(f"mean reward {first['reward']:.3f} (step {first['step']}) -> {last['reward']:.3f} "
+                  f"(step {last['step']}); {last['skipped_rewards']} samples skipped (reward failed). Model: {final}  "
+                  f"metrics: {Path(args.out) / 'metrics.jsonl'}")
+        else:
+            print(f"nothing to do: the run in {args.out} is already at step {trainer.step}. Model: {final}")
+    if trainer.dist.world > 1:
+        dist.destroy_process_group()
     return 0

@@ -15,6 +15,15 @@ from lmforge.models.model import Transformer
 from lmforge.train.objectives import IGNORE_INDEX
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe_tokenizer(["yes no maybe " * 20, "Answer yes or no."] * 10, vocab_size=300)
@@ -90,3 +99,22 @@ def test_cli(tok, tmp_path, capsys):
     assert "mean reward" in capsys.readouterr().out and (tmp_path / "run" / "model" / "config.json").is_file()
     assert main(args + ["--reward", "nonsense"]) == 2
     assert "--reward 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_resume(tok, tmp_path, capsys):
+    import json
+
+    from lmforge import save_model
+    from lmforge.cli import main
+    from lmforge.train.trainer import read_metrics
+
+    save_model(tiny_model(), tmp_path / "m", tokenizer=tok)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Answer {i}"}], "answer": str(i)})
+                               + "\n" for i in range(6)))
+    args = ["grpo", "--model", str(tmp_path / "m"), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "3", "--resume"]) == 0
+    assert "(step 3) -> " in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
