@@ -121,7 +121,7 @@ def _load_plugins() -> None:
     import importlib
 
     for module in ("lmforge.train.cli", "lmforge.align.cli", "lmforge.align.cli_sampling", "lmforge.eval.cli",
-                   "lmforge.serve.cli", "lmforge.quickstart"):
+                   "lmforge.serve.cli", "lmforge.quickstart", "lmforge.align.demo"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

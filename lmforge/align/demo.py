@@ -1,0 +1,211 @@
+"""``lmforge quickstart-align``: the quickstart's post-training chapter, on CPU in minutes.
+
+Starts from the quickstart's SFT checkpoint (``lmforge quickstart`` first) and its weakest skill with a
+checkable answer (two-digit addition by default), then compares, on held-out problems that neither SFT nor
+RL saw:
+  1. GRPO with the exact-answer reward (G samples per prompt, group-normalised advantages, k3 KL);
+  2. PPO with the same reward (value head, per-token KL, GAE, whitened advantages, EMA reference);
+  3. preference learning: on-policy pairs (best vs worst of n samples, labelled by the verifier) train a
+     Bradley-Terry reward model, and DPO on the same pairs; the DPO policy's greedy answers are then judged
+     against the SFT policy's by that reward model on held-out prompts (win rate, ties count half).
+Every stage reports greedy held-out accuracy; the summary goes to OUT/summary.json. Nothing is tuned on
+the held-out set: it is drawn once, disjoint from every training prompt, and read only for reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lmforge.cli import command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
+    p.add_argument("--out", default=None, help="default: RUN/align")
+    p.add_argument("--skill", default="add2", help="next | larger | add1 | add2")
+    p.add_argument("--test-size", type=int, default=300, help="held-out problems")
+    p.add_argument("--methods", default="grpo,ppo,dpo", help="comma-separated subset of grpo,ppo,dpo")
+    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--ppo-steps", type=int, default=40)
+    p.add_argument("--dpo-prompts", type=int, default=400, help="prompts sampled for preference pairs")
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--rollouts", type=int, default=128, help="samples per RL step (GRPO: 16 prompts x 8)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
+    """Up to ``n`` distinct problems of ``skill`` whose prompts are not in ``exclude`` (small skills have
+    few distinct problems: what 20 draws find)."""
+    from lmforge.data.synthetic import skill_examples
+    from lmforge.errors import LmforgeError
+
+    out, seen = [], set(exclude)
+    for batch_seed in range(seed, seed + 20):
+        if len(out) == n:
+            break
+        for r in skill_examples(4 * n, seed=batch_seed, kinds=(skill,)):
+            prompt = r["messages"][0]["content"]
+            if prompt not in seen:
+                seen.add(prompt)
+                out.append(r)
+                if len(out) == n:
+                    break
+    if not out:
+        raise LmforgeError(f"no {skill} problems left that the SFT data does not contain")
+    return out
+
+
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
+    """Greedy replies to each record's first user turn, cut at EOS."""
+    from lmforge.models.generate import generate, left_pad
+
+    model.eval()
+    texts = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
+        ids, mask = left_pad(prompts, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0])
+        out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
+                       eos_ids=tokenizer.eos_ids)
+        for row in out.tolist():
+            cut = next((j for j, t in enumerate(row) if t in tokenizer.eos_ids), len(row))
+            texts.append(tokenizer.decode(row[:cut]))
+    return texts
+
+
+def accuracy(model, tokenizer, records: list[dict]) -> float:
+    from lmforge.data.synthetic import exact_match_accuracy
+
+    return exact_match_accuracy(greedy_answers(model, tokenizer, records), [r["answer"] for r in records])
+
+
+@command("quickstart-align", "post-train the quickstart's SFT model with GRPO, PPO and DPO and compare (CPU)")(_args)
+def quickstart_align_cmd(args: argparse.Namespace) -> int:
+    from lmforge.align.grpo import GRPOConfig, GRPOTrainer
+    from lmforge.align.ppo import PPOConfig, PPOTrainer
+    from lmforge.align.rewards import exact_number_match
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.errors import LmforgeError
+    from lmforge.io import iter_jsonl
+    from lmforge.models.checkpoint import load_model
+
+    started = time.perf_counter()
+    run = Path(args.run)
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise LmforgeError(f"{summary_path} not found: run `lmforge quickstart --out {run}` first")
+    sft_dir = Path(json.loads(summary_path.read_text())["checkpoint"])
+    out = Path(args.out) if args.out else run / "align"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - {"grpo", "ppo", "dpo"}
+    if unknown:
+        raise LmforgeError(f"--methods: unknown {sorted(unknown)}; choose from grpo, ppo, dpo")
+
+    seen = {rec["messages"][0]["content"] for _, rec in iter_jsonl(run / "data" / "skills_train.jsonl")}
+    test = _problems(args.skill, args.test_size, seed=10_000 + args.seed, exclude=seen)
+    train = _problems(args.skill, 2000, seed=20_000 + args.seed,
+                      exclude={r["messages"][0]["content"] for r in test})
+    # RL and preference prompts: the user turn only (the reference reply stays out of the prompt).
+    train = [{"messages": r["messages"][:1], "answer": r["answer"]} for r in train]
+    tokenizer = load_tokenizer(sft_dir)
+    results: dict = {"skill": args.skill, "test_size": len(test), "sft_checkpoint": str(sft_dir)}
+    base = accuracy(load_model(sft_dir), tokenizer, test)
+    results["sft_accuracy"] = base
+    print(f"SFT model {sft_dir}: held-out {args.skill} accuracy {base:.1%} on {len(test)} problems")
+
+    if "grpo" in methods:
+        model = load_model(sft_dir)
+        cfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=max(1, args.rollouts // 8), group_size=8, max_new_tokens=16,
+                         temperature=1.0, lr=5e-5, beta=0.02, seed=args.seed, save_every=0)
+        t = time.perf_counter()
+        history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
+        acc = accuracy(model, tokenizer, test)
+        results["grpo"] = {"accuracy": acc, "steps": cfg.steps, "minutes": (time.perf_counter() - t) / 60,
+                           "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
+        print(f"GRPO ({cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples): "
+              f"held-out accuracy {base:.1%} -> {acc:.1%}")
+
+    if "ppo" in methods:
+        model = load_model(sft_dir)
+        cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=max(1, args.rollouts // 4), ppo_epochs=2,
+                        max_new_tokens=16, temperature=1.0, lr=2e-5, kl_coef=0.02, seed=args.seed, save_every=0,
+                        truncated_reward=0.0)
+        t = time.perf_counter()
+        history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
+        acc = accuracy(model, tokenizer, test)
+        results["ppo"] = {"accuracy": acc, "steps": cfg.steps, "minutes": (time.perf_counter() - t) / 60,
+                          "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
+        print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy {base:.1%} -> {acc:.1%}")
+
+    if "dpo" in methods:
+        results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, out / "dpo",
+                                           args.dpo_steps, args.seed, base)
+
+    results["minutes"] = (time.perf_counter() - started) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    print(f"\nheld-out {args.skill} accuracy (greedy, {len(test)} problems): SFT {base:.1%}"
+          + "".join(f", {m.upper()} {results[m]['accuracy']:.1%}" for m in ("grpo", "ppo", "dpo")
+                    if "accuracy" in results.get(m, {}))
+          + (f"; DPO vs SFT reward-model win rate {results['dpo']['rm_win_rate']:.1%}" if "rm_win_rate" in
+             results.get("dpo", {}) else "")
+          + f"\ndone in {results['minutes']:.1f} min; summary: {out / 'summary.json'}")
+    return 0
+
+
+def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], out: Path, steps: int,
+                      seed: int, base: float) -> dict:
+    """Verifier-labelled on-policy pairs -> reward model + DPO; judge DPO vs SFT with the reward model."""
+    from lmforge.align.iterative import make_preference_pairs
+    from lmforge.align.rejection import RejectionConfig, reward_model_scores
+    from lmforge.align.reward_model import load_reward_model, pairwise_accuracy
+    from lmforge.align.rewards import exact_number_match
+    from lmforge.models.checkpoint import load_model
+    from lmforge.train.recipe import load_recipe
+    from lmforge.train.run import build_trainer
+
+    t = time.perf_counter()
+    sft = load_model(sft_dir)
+    pairs = make_preference_pairs(sft, tokenizer, prompts, n=8, reward_fn=exact_number_match,
+                                  cfg=RejectionConfig(max_new_tokens=16, temperature=1.0, seed=seed),
+                                  out_path=out / "pairs.jsonl")
+    print(f"preference pairs: {pairs.pairs} from {pairs.prompts} prompts ({pairs.tied} tied, "
+          f"{pairs.unscorable} unscorable)")
+    if pairs.pairs < 10:  # a held-out fifth must leave something to train on
+        print("too few preference pairs (the SFT model's samples are all right or all wrong): DPO skipped")
+        return {"skipped": f"{pairs.pairs} preference pairs", "pairs": pairs.pairs}
+    common = {"model": {"path": str(sft_dir)}, "data": {"train": [str(out / "pairs.jsonl")], "val_fraction": 0.2,
+                                                        "seq_len": 128},
+              "optim": {"warmup_steps": 0}, "seed": seed, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1,
+              "progress": False, "batch_size": 16}
+    rm_cfg = load_recipe(None, [], defaults={**common, "task": "rm", "out_dir": str(out / "rm"), "max_steps": steps,
+                                              "optim": {"warmup_steps": 0, "lr": 1e-4}})
+    rm_trainer = build_trainer(rm_cfg)
+    rm_result = rm_trainer.fit()
+    rm_acc = pairwise_accuracy(rm_trainer.model, rm_trainer.data.val, rm_trainer.data.pad_id)["accuracy"]
+    rm = load_reward_model(rm_result.final_checkpoint / "model").eval()
+    print(f"reward model: held-out pairwise accuracy {rm_acc:.1%}")
+
+    dpo_cfg = load_recipe(None, [], defaults={**common, "task": "dpo", "out_dir": str(out / "policy"),
+                                               "max_steps": steps, "optim": {"warmup_steps": 0, "lr": 1e-5}})
+    dpo_result = build_trainer(dpo_cfg).fit()
+    dpo = load_model(dpo_result.final_checkpoint / "model")
+    acc = accuracy(dpo, tokenizer, test)
+
+    sft_answers, dpo_answers = greedy_answers(sft, tokenizer, test), greedy_answers(dpo, tokenizer, test)
+    wins = 0.0
+    for rec, a, b in zip(test, sft_answers, dpo_answers):
+        if a == b:
+            wins += 0.5
+            continue
+        s_sft, s_dpo = reward_model_scores(rm, tokenizer, rec["messages"][:1], [a, b])
+        wins += 1.0 if s_dpo > s_sft else 0.5 if s_dpo == s_sft else 0.0
+    win_rate = wins / len(test)
+    print(f"DPO ({steps} steps on {pairs.pairs} pairs): held-out accuracy {base:.1%} -> {acc:.1%}; "
+          f"reward-model win rate vs SFT {win_rate:.1%} ({sum(a != b for a, b in zip(sft_answers, dpo_answers))} "
+          f"of {len(test)} answers changed)")
+    return {"accuracy": acc, "pairs": pairs.pairs, "rm_heldout_pair_accuracy": rm_acc, "rm_win_rate": win_rate,
+            "minutes": (time.perf_counter() - t) / 60}
