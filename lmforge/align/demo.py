@@ -32,6 +32,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppo-steps", type=int, default=40)
     p.add_argument("--dpo-prompts", type=int, default=400, help="prompts sampled for preference pairs")
     p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--dpo-lr", type=float, default=1e-5)
+    p.add_argument("--rm-lr", type=float, default=1e-4)
+    p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--ppo-lr", type=float, default=5e-5)
     p.add_argument("--rollouts", type=int, default=128, help="samples per RL step (GRPO: 16 prompts x 8)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -119,7 +123,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     if "grpo" in methods:
         model = load_model(sft_dir)
         cfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=max(1, args.rollouts // 8), group_size=8, max_new_tokens=16,
-                         temperature=1.0, lr=5e-5, beta=0.02, seed=args.seed, save_every=0)
+                         temperature=1.0, lr=args.grpo_lr, beta=0.02, seed=args.seed, save_every=0)
         t = time.perf_counter()
         history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
         acc = accuracy(model, tokenizer, test)
@@ -131,7 +135,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     if "ppo" in methods:
         model = load_model(sft_dir)
         cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=max(1, args.rollouts // 4), ppo_epochs=2,
-                        max_new_tokens=16, temperature=1.0, lr=2e-5, kl_coef=0.02, seed=args.seed, save_every=0,
+                        max_new_tokens=16, temperature=1.0, lr=args.ppo_lr, kl_coef=0.02, seed=args.seed, save_every=0,
                         truncated_reward=0.0)
         t = time.perf_counter()
         history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
@@ -142,7 +146,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
 
     if "dpo" in methods:
         results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, out / "dpo",
-                                           args.dpo_steps, args.seed, base)
+                                           args.dpo_steps, args.seed, base, args.rm_lr, args.dpo_lr)
 
     results["minutes"] = (time.perf_counter() - started) / 60
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
 
 
 def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], out: Path, steps: int,
-                      seed: int, base: float) -> dict:
+                      seed: int, base: float, rm_lr: float, dpo_lr: float) -> dict:
     """Verifier-labelled on-policy pairs -> reward model + DPO; judge DPO vs SFT with the reward model."""
     from lmforge.align.iterative import make_preference_pairs
     from lmforge.align.rejection import RejectionConfig, reward_model_scores
@@ -182,7 +186,7 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
               "optim": {"warmup_steps": 0}, "seed": seed, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1,
               "progress": False, "batch_size": 16}
     rm_cfg = load_recipe(None, [], defaults={**common, "task": "rm", "out_dir": str(out / "rm"), "max_steps": steps,
-                                              "optim": {"warmup_steps": 0, "lr": 1e-4}})
+                                              "optim": {"warmup_steps": 0, "lr": rm_lr}})
     rm_trainer = build_trainer(rm_cfg)
     rm_result = rm_trainer.fit()
     rm_acc = pairwise_accuracy(rm_trainer.model, rm_trainer.data.val, rm_trainer.data.pad_id)["accuracy"]
@@ -190,7 +194,7 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     print(f"reward model: held-out pairwise accuracy {rm_acc:.1%}")
 
     dpo_cfg = load_recipe(None, [], defaults={**common, "task": "dpo", "out_dir": str(out / "policy"),
-                                               "max_steps": steps, "optim": {"warmup_steps": 0, "lr": 1e-5}})
+                                               "max_steps": steps, "optim": {"warmup_steps": 0, "lr": dpo_lr}})
     dpo_result = build_trainer(dpo_cfg).fit()
     dpo = load_model(dpo_result.final_checkpoint / "model")
     acc = accuracy(dpo, tokenizer, test)
