@@ -30,7 +30,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=300, help="held-out problems")
     p.add_argument("--methods", default="grpo,ppo,dpo", help="comma-separated subset of grpo,ppo,dpo")
     p.add_argument("--grpo-steps", type=int, default=40)
-    p.add_argument("--ppo-steps", type=int, default=40)
+    p.add_argument("--ppo-steps", type=int, default=100)
     p.add_argument("--dpo-prompts", type=int, default=400, help="prompts sampled for preference pairs")
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--dpo-lr", type=float, default=1e-5)

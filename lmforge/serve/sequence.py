@@ -114,6 +114,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (stats)
         self.num_preemptions = 0
+        self.num_draft_computed = 0  # speculative decoding: tokens whose draft-model KV is in the draft pool
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.text = ""  # decoded output, stop string trimmed (when a tokenizer is known)

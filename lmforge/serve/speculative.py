@@ -148,7 +148,7 @@ class Drafter:
             if j not in ks and not (item.num_tokens > 1 and speculates(seq.params)):
                 continue
             end = seq.num_computed_tokens + item.num_tokens
-            start = min(getattr(seq, "num_draft_computed", 0), seq.num_computed_tokens)  # preemption resets it
+            start = min(seq.num_draft_computed, seq.num_computed_tokens)  # preemption resets the latter
             feeds.append(Feed(seq.tokens[start:end], start, seq.block_table, 1 if j in ks else 0))
             seq.num_draft_computed = end
             if j in ks:
