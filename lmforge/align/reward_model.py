@@ -33,12 +33,14 @@ MARKER_FILE = "reward_model.json"
 class RewardModel(nn.Module):
     """``forward(ids, attention_mask)`` -> one reward per row ``[B]`` (float32)."""
 
-    def __init__(self, backbone: Transformer) -> None:
+    def __init__(self, backbone: Transformer, seed: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         # No bias: Bradley-Terry only sees reward differences, so a constant offset is never learned.
         self.head = nn.Linear(backbone.config.hidden_size, 1, bias=False)
-        nn.init.normal_(self.head.weight, std=backbone.config.hidden_size ** -0.5)
+        # Its own generator: the head is the same for a seed whatever consumed the global RNG before.
+        nn.init.normal_(self.head.weight, std=backbone.config.hidden_size ** -0.5,
+                        generator=torch.Generator().manual_seed(seed))
         self.head.to(device=backbone.device, dtype=backbone.model.embed_tokens.weight.dtype)
 
     # The training engine treats its model as a Transformer: expose what it reads and sets.

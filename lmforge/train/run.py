@@ -121,7 +121,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
         if lora is not None:
             raise ConfigError("recipe field 'lora.enabled': reward models train all weights for now")
-        return Trainer(cfg, RewardModel(model), data, tokenizer=tokenizer, objective=RewardObjective())
+        return Trainer(cfg, RewardModel(model, seed=cfg.seed), data, tokenizer=tokenizer, objective=RewardObjective())
     if cfg.task != "dpo":
         return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
     from lmforge.align.dpo import PreferenceObjective, cache_reference_logps

@@ -110,3 +110,11 @@ def test_objective_loss_is_log_two_when_rewards_tie(tok, tmp_path):
                       progress=False, plot=False)
     trainer = Trainer(cfg, rm, Data(train=pairs(tok, 8, 2), val=None, pad_id=tok.pad_id), objective=RewardObjective())
     assert abs(trainer.train_step()["loss"] - math.log(2)) < 1e-6
+
+
+def test_head_initialisation_depends_on_the_seed_only():
+    a = tiny_rm()
+    torch.rand(1000)  # whatever else consumed the global RNG in between
+    b = tiny_rm()
+    assert torch.equal(RewardModel(a.backbone, seed=3).head.weight, RewardModel(b.backbone, seed=3).head.weight)
+    assert not torch.equal(RewardModel(a.backbone, seed=3).head.weight, RewardModel(a.backbone, seed=4).head.weight)
