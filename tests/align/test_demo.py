@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from lmforge import save_model
 from lmforge.cli import main
 from lmforge.data.synthetic import skill_examples, write_jsonl
 from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quickstart_align_runs_every_stage(tmp_path, capsys):

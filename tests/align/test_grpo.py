@@ -8,25 +8,10 @@ import pytest
 import torch
 
 from lmforge.align.grpo import GRPOConfig, GRPOTrainer, _sequences
-from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
 from lmforge.train.objectives import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe_tokenizer(["yes no maybe " * 20, "Answer yes or no."] * 10, vocab_size=300)
 
 
 def tiny_model(seed=0):
@@ -41,6 +26,10 @@ PROMPTS = [{"messages": [{"role": "user", "content": "Answer yes or no."}], "ans
 
 def says_yes(completion: str, reference: str) -> float:
     return 1.0 if "yes" in completion else 0.0
+
+
+def starts_lowercase(completion: str, reference: str) -> float:
+    return float(completion[:1].islower())
 
 
 def test_sequences_put_labels_on_completions_only():

@@ -12,29 +12,10 @@ import torch
 from lmforge.align.losses import masked_mean
 from lmforge.align.ppo import PPOConfig, PPOTrainer
 from lmforge.align.reward_model import RewardModel, save_reward_model
-from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.objectives import IGNORE_INDEX
 
-from .test_grpo import PROMPTS, says_yes, tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe_tokenizer(["yes no maybe " * 20, "Answer yes or no."] * 10, vocab_size=300)
-
-
-def starts_lowercase(completion: str, reference: str) -> float:
-    return float(completion[:1].islower())
+from .test_grpo import PROMPTS, says_yes, starts_lowercase, tiny_model
 
 
 def make(tok, tmp_path, reward=starts_lowercase, **overrides) -> PPOTrainer:

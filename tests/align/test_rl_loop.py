@@ -14,33 +14,14 @@ from safetensors.torch import load_file
 
 from lmforge.align.grpo import GRPOConfig, GRPOTrainer
 from lmforge.align.ppo import PPOConfig, PPOTrainer
-from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import read_metrics
 
-from .test_grpo import PROMPTS, tiny_model
+from .test_grpo import PROMPTS, starts_lowercase, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"rollout_tok_s", "update_tok_s"}  # wall-clock rates: the only values allowed to differ between runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe_tokenizer(["yes no maybe " * 20, "Answer yes or no."] * 10, vocab_size=300)
-
-
-def starts_lowercase(completion: str, reference: str) -> float:
-    return float(completion[:1].islower())
 
 
 def make(kind: str, tok, out: Path, **overrides):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lmforge.models.checkpoint import load_model
 
@@ -39,9 +38,5 @@ class CharTokenizer:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and spin badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Every serving test runs on one intra-op thread (see tests/conftest.py)."""
