@@ -73,40 +73,20 @@ def reward_from_spec(spec: str):
     raise LmforgeError(f"--reward {spec!r}: use exact_number, regex:PATTERN or module:function")
 
 
-@command("grpo", "GRPO with a verifiable reward on prompts with reference answers")(_grpo_args)
-def grpo_cmd(args: argparse.Namespace) -> int:
+def _fit_and_save(trainer, args: argparse.Namespace) -> int:
+    """The end of ``grpo`` and ``ppo``: run (or resume) to the last step, save the policy (rank 0) and report."""
     from pathlib import Path
 
-    from lmforge.align.grpo import GRPOConfig, GRPOTrainer
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.errors import LmforgeError
-    from lmforge.io import iter_jsonl
-    from lmforge.models.checkpoint import load_model, save_model
+    from lmforge.models.checkpoint import save_model
 
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise LmforgeError(f"prompt file {path} does not exist")
-    records = []
-    for where, rec in iter_jsonl(path):
-        if not isinstance(rec, dict) or "messages" not in rec or "answer" not in rec:
-            raise LmforgeError(f"{where}: needs 'messages' and 'answer'")
-        # Prompt = the conversation up to (not including) the final assistant turn, if any.
-        msgs = rec["messages"]
-        if msgs and msgs[-1].get("role") == "assistant":
-            msgs = msgs[:-1]
-        records.append({"messages": msgs, "answer": str(rec["answer"])})
-    cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, beta=args.beta,
-                     seed=args.seed)
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    trainer = GRPOTrainer(model, tokenizer, records, reward_from_spec(args.reward), cfg, args.out)
     history = trainer.fit(resume=args.resume)
     if trainer.dist.main:
-        final = save_model(model, Path(args.out) / "model", tokenizer=tokenizer)
+        final = save_model(trainer.model, Path(args.out) / "model", tokenizer=trainer.tokenizer)
         if history:
             first, last = history[0], history[-1]
             print(f"mean reward {first['reward']:.3f} (step {first['step']}) -> {last['reward']:.3f} "
-                  f"(step {last['step']}); {last['skipped_rewards']} samples skipped (reward failed). Model: {final}")
+                  f"(step {last['step']}); {last['skipped_rewards']} samples skipped (reward failed). Model: {final}  "
+                  f"metrics: {Path(args.out) / 'metrics.jsonl'}")
         else:
             print(f"nothing to do: the run in {args.out} is already at step {trainer.step}. Model: {final}")
     if trainer.dist.world > 1:
@@ -114,6 +94,22 @@ def grpo_cmd(args: argparse.Namespace) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+@command("grpo", "GRPO with a verifiable reward on prompts with reference answers")(_grpo_args)
+def grpo_cmd(args: argparse.Namespace) -> int:
+    from lmforge.align.grpo import GRPOConfig, GRPOTrainer
+    from lmforge.align.rejection import read_prompt_jsonl
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.checkpoint import load_model
+
+    records = read_prompt_jsonl(args.prompts, needs_answer=True)
+    cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, beta=args.beta,
+                     seed=args.seed)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    trainer = GRPOTrainer(model, tokenizer, records, reward_from_spec(args.reward), cfg, args.out)
+    return _fit_and_save(trainer, args)
 
 
 # ---- ppo ---------------------------------------------------------------------------------------
@@ -153,45 +149,19 @@ def _ppo_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the run's latest checkpoint in --out (or the one given)")
 
 
-def _read_prompt_records(path_arg: str, needs_answer: bool) -> list[dict]:
-    """Prompt records from JSONL: the conversation up to (not including) a final assistant turn, and the answer."""
-    from pathlib import Path
-
-    from lmforge.errors import LmforgeError
-    from lmforge.io import iter_jsonl
-
-    path = Path(path_arg)
-    if not path.is_file():
-        raise LmforgeError(f"prompt file {path} does not exist")
-    records = []
-    for where, rec in iter_jsonl(path):
-        if not isinstance(rec, dict) or "messages" not in rec or (needs_answer and "answer" not in rec):
-            raise LmforgeError(f"{where}: needs 'messages'" + (" and 'answer'" if needs_answer else ""))
-        msgs = rec["messages"]
-        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-            msgs = msgs[:-1]
-        records.append({"messages": msgs, **({"answer": str(rec["answer"])} if "answer" in rec else {})})
-    if not records:
-        raise LmforgeError(f"prompt file {path} holds no records")
-    return records
-
-
 @command("ppo", "PPO with a value head, a verifiable reward or a reward model, and a KL-penalised reference")(_ppo_args)
 def ppo_cmd(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch.distributed as dist
-
     from lmforge.align.ppo import PPOConfig, PPOTrainer
+    from lmforge.align.rejection import read_prompt_jsonl
     from lmforge.align.reward_model import load_reward_model
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models.checkpoint import load_model, save_model
+    from lmforge.models.checkpoint import load_model
 
     if args.reward_model:
         reward = load_reward_model(args.reward_model)
     else:
         reward = reward_from_spec(args.reward or "exact_number")
-    records = _read_prompt_records(args.prompts, needs_answer=args.reward_model is None)
+    records = read_prompt_jsonl(args.prompts, needs_answer=args.reward_model is None)
     cfg = PPOConfig(steps=args.steps, rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
                     ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     lr=args.lr, kl_coef=args.kl_coef, ref_ema=args.ref_ema, vf_coef=args.vf_coef, gamma=args.gamma,
@@ -204,16 +174,4 @@ def ppo_cmd(args: argparse.Namespace) -> int:
     if trainer.dist.main:
         print(f"ppo: {model.config.model_type} with {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(records)} prompts; {trainer.dist.world} process(es) on {trainer.device}")
-    history = trainer.fit(resume=args.resume)
-    if trainer.dist.main:
-        final = save_model(model, Path(args.out) / "model", tokenizer=tokenizer)
-        if history:
-            first, last = history[0], history[-1]
-            print(f"mean reward {first['reward']:.3f} (step {first['step']}) -> {last['reward']:.3f} "
-                  f"(step {last['step']}); {last['skipped_rewards']} samples skipped (reward failed). Model: {final}  "
-                  f"metrics: {Path(args.out) / 'metrics.jsonl'}")
-        else:
-            print(f"nothing to do: the run in {args.out} is already at step {trainer.step}. Model: {final}")
-    if trainer.dist.world > 1:
-        dist.destroy_process_group()
-    return 0
+    return _fit_and_save(trainer, args)

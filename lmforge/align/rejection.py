@@ -145,14 +145,17 @@ def prompt_messages(record: object, where: str) -> Messages:
     return messages
 
 
-def read_prompt_jsonl(path: str | Path) -> list[dict]:
+def read_prompt_jsonl(path: str | Path, needs_answer: bool = False) -> list[dict]:
     """Prompt records from JSONL: ``messages`` (a final assistant turn, e.g. an SFT answer, is dropped)
-    and an optional reference ``answer``. A bad record raises LmforgeError naming ``file:line``."""
+    and a reference ``answer`` (required with ``needs_answer``: a verifiable reward compares against it).
+    A bad record raises LmforgeError naming ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"prompt file {path} does not exist")
     records = []
     for where, rec in iter_jsonl(path):
+        if needs_answer and not (isinstance(rec, dict) and "messages" in rec and "answer" in rec):
+            raise LmforgeError(f"{where}: needs 'messages' and 'answer'")
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             rec = {**rec, "messages": msgs[:-1]}
