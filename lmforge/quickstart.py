@@ -61,25 +61,32 @@ def _write_corpus(files: list[Path], path: Path) -> None:
                                 "source": file.name}) + "\n")
 
 
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> list[str]:
+    """Greedy replies to each record's first user turn, cut at EOS."""
+    from lmforge.models.generate import generate, left_pad
+
+    model.eval()
+    texts = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
+        ids, mask = left_pad(prompts, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0])
+        out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
+                       eos_ids=tokenizer.eos_ids)
+        for row in out.tolist():
+            cut = next((j for j, t in enumerate(row) if t in tokenizer.eos_ids), len(row))
+            texts.append(tokenizer.decode(row[:cut]))
+    return texts
+
+
 def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
     """Greedy answers to the user turns, scored by the last number against the reference."""
     from lmforge.data.synthetic import exact_match_accuracy
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
-    from lmforge.models.generate import generate, left_pad
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)  # its eos ids include <|im_end|>
-    completions = []
-    model.eval()
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
-        ids, mask = left_pad(prompts, tokenizer.pad_id or 0)
-        out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                       eos_ids=tokenizer.eos_ids)
-        for row in out.tolist():
-            cut = next((j for j, t in enumerate(row) if t in tokenizer.eos_ids), len(row))
-            completions.append(tokenizer.decode(row[:cut]))
+    completions = greedy_answers(model, tokenizer, records, max_new_tokens, batch_size)
     return exact_match_accuracy(completions, [r["answer"] for r in records])
 
 

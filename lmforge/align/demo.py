@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from lmforge.cli import command
+from lmforge.quickstart import greedy_answers
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -65,28 +66,14 @@ def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
     return out
 
 
-def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
-    """Greedy replies to each record's first user turn, cut at EOS."""
-    from lmforge.models.generate import generate, left_pad
-
-    model.eval()
-    texts = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
-        ids, mask = left_pad(prompts, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0])
-        out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                       eos_ids=tokenizer.eos_ids)
-        for row in out.tolist():
-            cut = next((j for j, t in enumerate(row) if t in tokenizer.eos_ids), len(row))
-            texts.append(tokenizer.decode(row[:cut]))
-    return texts
+ANSWER_BATCH = 64  # prompts per greedy-answer batch
 
 
 def accuracy(model, tokenizer, records: list[dict]) -> float:
     from lmforge.data.synthetic import exact_match_accuracy
 
-    return exact_match_accuracy(greedy_answers(model, tokenizer, records), [r["answer"] for r in records])
+    answers = greedy_answers(model, tokenizer, records, batch_size=ANSWER_BATCH)
+    return exact_match_accuracy(answers, [r["answer"] for r in records])
 
 
 @command("quickstart-align", "post-train the quickstart's SFT model with GRPO, PPO and DPO and compare (CPU)")(_args)
@@ -204,7 +191,8 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     dpo = load_model(dpo_result.final_checkpoint / "model")
     acc = accuracy(dpo, tokenizer, test)
 
-    sft_answers, dpo_answers = greedy_answers(sft, tokenizer, test), greedy_answers(dpo, tokenizer, test)
+    sft_answers = greedy_answers(sft, tokenizer, test, batch_size=ANSWER_BATCH)
+    dpo_answers = greedy_answers(dpo, tokenizer, test, batch_size=ANSWER_BATCH)
     wins = 0.0
     for rec, a, b in zip(test, sft_answers, dpo_answers):
         if a == b:
