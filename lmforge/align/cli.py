@@ -48,6 +48,9 @@ def _grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.02, help="KL weight to the starting policy (k3)")
+    p.add_argument("--updates-per-batch", type=int, default=1, help="passes over each step's completions")
+    p.add_argument("--mini-batch-size", type=int, default=None,
+                   help="completions per optimizer step (default: all of the step's, one step per pass)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the run's latest checkpoint in --out (or the one given)")
@@ -106,7 +109,7 @@ def grpo_cmd(args: argparse.Namespace) -> int:
     records = read_prompt_jsonl(args.prompts, needs_answer=True)
     cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, beta=args.beta,
-                     seed=args.seed)
+                     updates_per_batch=args.updates_per_batch, mini_batch_size=args.mini_batch_size, seed=args.seed)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     trainer = GRPOTrainer(model, tokenizer, records, reward_from_spec(args.reward), cfg, args.out)
     return _fit_and_save(trainer, args)

@@ -85,6 +85,9 @@ def _iterative_args(p: argparse.ArgumentParser) -> None:
                    help="dpo (sigmoid), ipo, simpo (reference-free) or cdpo (DPO with label smoothing)")
     p.add_argument("--beta", type=float, default=None, help="default: the recipe's preference.beta (0.1)")
     p.add_argument("--label-smoothing", type=float, default=None, help="cdpo's assumed label noise (default 0.1)")
+    p.add_argument("--nll-weight", type=float, default=None,
+                   help="add the chosen answer's per-token NLL with this weight (DPO+NLL, Pang et al. 2024; "
+                        "1.0 there); default: the recipe's preference.nll_weight (0)")
     p.add_argument("--lr", type=float, default=None,
                    help="default: the recipe's optim.lr; pretrained models usually want 1e-6 to 1e-5")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per micro-batch (default: the recipe's)")
@@ -107,7 +110,8 @@ def iterative_dpo_cmd(args: argparse.Namespace) -> int:
         smoothing = args.label_smoothing
     # Explicit options go after the free-form overrides, so they win.
     overrides = list(args.overrides) + [f"preference.loss_type={loss_type}", f"preference.label_smoothing={smoothing}"]
-    for key, value in (("preference.beta", args.beta), ("optim.lr", args.lr), ("batch_size", args.batch_size)):
+    for key, value in (("preference.beta", args.beta), ("preference.nll_weight", args.nll_weight),
+                       ("optim.lr", args.lr), ("batch_size", args.batch_size)):
         if value is not None:
             overrides.append(f"{key}={value}")
     history = iterative_dpo(args.model, records, args.rounds, args.out, reward_fn=reward_fn,

@@ -1,16 +1,19 @@
 """``lmforge quickstart-align``: the quickstart's post-training chapter, on CPU in minutes.
 
 Starts from the quickstart's SFT checkpoint (``lmforge quickstart`` first) and one skill with a checkable
-answer ("which is larger, a or b?" by default: the SFT model is at chance there, and unlike two-digit
-addition it has thousands of problems the SFT data never showed), then compares, on held-out problems that
-neither SFT nor RL saw:
+answer ("which is larger, a or b?" by default: the SFT model picks the right tens digit but often copies
+the wrong ones digit, so about half its answers are wrong; and unlike two-digit addition the skill has
+thousands of problems the SFT data never showed), then compares, on held-out problems that neither SFT nor
+RL saw:
   1. GRPO with the exact-answer reward (G samples per prompt, group-normalised advantages, k3 KL);
   2. PPO with the same reward (value head, per-token KL, GAE, whitened advantages, EMA reference);
   3. preference learning: on-policy pairs (best vs worst of n samples, labelled by the verifier) train a
-     Bradley-Terry reward model, and DPO on the same pairs; the DPO policy's greedy answers are then judged
-     against the SFT policy's by that reward model on held-out prompts (win rate, ties count half).
-Every stage reports greedy held-out accuracy; the summary goes to OUT/summary.json. Nothing is tuned on
-the held-out set: it is drawn once, disjoint from every training prompt, and read only for reporting.
+     Bradley-Terry reward model, and DPO (+NLL on the chosen answer, Pang et al. 2024) on the same pairs;
+     the DPO policy's greedy answers are then judged against the SFT policy's by that reward model on
+     held-out prompts (win rate, ties count half).
+Every stage reports greedy held-out accuracy and its paired gain over SFT with a bootstrap standard error;
+the summary goes to OUT/summary.json. Nothing is tuned on the held-out set: it is drawn once, disjoint from
+every training prompt, and read only for reporting (settings were chosen on seed 1's draw).
 """
 
 from __future__ import annotations
@@ -28,20 +31,26 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="runs/quickstart", help="the quickstart's run directory")
     p.add_argument("--out", default=None, help="default: RUN/align")
     p.add_argument("--skill", default="larger", help="next | larger | add1 | add2")
-    p.add_argument("--test-size", type=int, default=300, help="held-out problems")
+    p.add_argument("--test-size", type=int, default=1000, help="held-out problems")
+    p.add_argument("--train-size", type=int, default=4000, help="RL / preference prompts (disjoint from the test)")
     p.add_argument("--methods", default="grpo,ppo,dpo", help="comma-separated subset of grpo,ppo,dpo")
-    p.add_argument("--grpo-steps", type=int, default=40)
-    p.add_argument("--ppo-steps", type=int, default=100)
-    p.add_argument("--dpo-prompts", type=int, default=400, help="prompts sampled for preference pairs")
-    p.add_argument("--dpo-steps", type=int, default=60)
-    p.add_argument("--dpo-lr", type=float, default=1e-5)
-    p.add_argument("--rm-lr", type=float, default=1e-4)
-    p.add_argument("--grpo-lr", type=float, default=1e-4)
-    p.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt")
-    p.add_argument("--grpo-updates", type=int, default=1, help="optimizer steps per GRPO rollout batch")
-    p.add_argument("--ppo-lr", type=float, default=5e-5)
-    p.add_argument("--rollouts", type=int, default=128, help="samples per RL step (GRPO: 16 prompts x 8)")
     p.add_argument("--seed", type=int, default=0)
+    rl = p.add_argument_group("GRPO and PPO (each step: --rollouts samples, 2 passes in minibatches of a quarter)")
+    rl.add_argument("--rollouts", type=int, default=128, help="samples per RL step")
+    rl.add_argument("--grpo-steps", type=int, default=100)
+    rl.add_argument("--group-size", type=int, default=4, help="GRPO samples per prompt")
+    rl.add_argument("--grpo-lr", type=float, default=5e-5)
+    rl.add_argument("--grpo-beta", type=float, default=0.02, help="GRPO's k3 KL weight")
+    rl.add_argument("--ppo-steps", type=int, default=100)
+    rl.add_argument("--ppo-lr", type=float, default=5e-5)
+    pref = p.add_argument_group("preference learning (reward model + DPO on verifier-labelled on-policy pairs)")
+    pref.add_argument("--dpo-prompts", type=int, default=4000, help="prompts sampled (8 each) for pairs")
+    pref.add_argument("--rm-steps", type=int, default=600)
+    pref.add_argument("--rm-lr", type=float, default=3e-4)
+    pref.add_argument("--dpo-steps", type=int, default=300)
+    pref.add_argument("--dpo-lr", type=float, default=1e-4)
+    pref.add_argument("--dpo-nll", type=float, default=1.0,
+                      help="weight of the chosen answer's NLL (DPO+NLL, Pang et al. 2024); 0: plain DPO")
 
 
 def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
@@ -69,11 +78,27 @@ def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
 ANSWER_BATCH = 64  # prompts per greedy-answer batch
 
 
-def accuracy(model, tokenizer, records: list[dict]) -> float:
+def correct(model, tokenizer, records: list[dict]) -> list[float]:
+    """1.0 where the greedy answer's last number equals the reference answer, per record."""
     from lmforge.data.synthetic import exact_match_accuracy
 
     answers = greedy_answers(model, tokenizer, records, batch_size=ANSWER_BATCH)
-    return exact_match_accuracy(answers, [r["answer"] for r in records])
+    return [exact_match_accuracy([a], [r["answer"]]) for a, r in zip(answers, records)]
+
+
+def compare(after: list[float], before: list[float]) -> dict:
+    """Accuracy after, and the paired gain over ``before`` on the same problems with its bootstrap
+    standard error (paired: each problem is its own control, so the error is smaller than two
+    independent accuracies' would be)."""
+    from lmforge.eval.scoring import bootstrap_stderr
+
+    diffs = [a - b for a, b in zip(after, before)]
+    return {"accuracy": sum(after) / len(after), "gain": sum(diffs) / len(diffs),
+            "gain_stderr": bootstrap_stderr(diffs)}
+
+
+def _gain(r: dict) -> str:
+    return f"{r['gain'] * 100:+.1f} points, paired s.e. {r['gain_stderr'] * 100:.1f}"
 
 
 @command("quickstart-align", "post-train the quickstart's SFT model with GRPO, PPO and DPO and compare (CPU)")(_args)
@@ -100,45 +125,48 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
 
     seen = {rec["messages"][0]["content"] for _, rec in iter_jsonl(run / "data" / "skills_train.jsonl")}
     test = _problems(args.skill, args.test_size, seed=10_000 + args.seed, exclude=seen)
-    train = _problems(args.skill, 2000, seed=20_000 + args.seed,
+    train = _problems(args.skill, args.train_size, seed=20_000 + args.seed,
                       exclude={r["messages"][0]["content"] for r in test})
     # RL and preference prompts: the user turn only (the reference reply stays out of the prompt).
     train = [{"messages": r["messages"][:1], "answer": r["answer"]} for r in train]
     tokenizer = load_tokenizer(sft_dir)
     results: dict = {"skill": args.skill, "test_size": len(test), "sft_checkpoint": str(sft_dir)}
-    base = accuracy(load_model(sft_dir), tokenizer, test)
+    sft_correct = correct(load_model(sft_dir), tokenizer, test)
+    base = sum(sft_correct) / len(test)
     results["sft_accuracy"] = base
     print(f"SFT model {sft_dir}: held-out {args.skill} accuracy {base:.1%} on {len(test)} problems")
+    minibatch = max(1, args.rollouts // 4)
 
     if "grpo" in methods:
         model = load_model(sft_dir)
         cfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=max(1, args.rollouts // args.group_size),
-                         group_size=args.group_size, max_new_tokens=16,
-                         temperature=1.0, lr=args.grpo_lr, beta=0.02, seed=args.seed, save_every=0,
-                         updates_per_batch=args.grpo_updates)
+                         group_size=args.group_size, max_new_tokens=16, temperature=1.0, lr=args.grpo_lr,
+                         beta=args.grpo_beta, seed=args.seed, save_every=0, updates_per_batch=2,
+                         mini_batch_size=minibatch)
         t = time.perf_counter()
         history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
-        acc = accuracy(model, tokenizer, test)
-        results["grpo"] = {"accuracy": acc, "steps": cfg.steps, "minutes": (time.perf_counter() - t) / 60,
+        results["grpo"] = {**compare(correct(model, tokenizer, test), sft_correct), "steps": cfg.steps,
+                           "minutes": (time.perf_counter() - t) / 60,
                            "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
         print(f"GRPO ({cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples): "
-              f"held-out accuracy {base:.1%} -> {acc:.1%}")
+              f"held-out accuracy {base:.1%} -> {results['grpo']['accuracy']:.1%} ({_gain(results['grpo'])})")
 
     if "ppo" in methods:
         model = load_model(sft_dir)
-        cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=max(1, args.rollouts // 4), ppo_epochs=2,
-                        max_new_tokens=16, temperature=1.0, lr=args.ppo_lr, kl_coef=0.02, seed=args.seed, save_every=0,
-                        truncated_reward=0.0)
+        cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=minibatch,
+                        ppo_epochs=2, max_new_tokens=16, temperature=1.0, lr=args.ppo_lr, kl_coef=0.02,
+                        seed=args.seed, save_every=0, truncated_reward=0.0)
         t = time.perf_counter()
         history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
-        acc = accuracy(model, tokenizer, test)
-        results["ppo"] = {"accuracy": acc, "steps": cfg.steps, "minutes": (time.perf_counter() - t) / 60,
+        results["ppo"] = {**compare(correct(model, tokenizer, test), sft_correct), "steps": cfg.steps,
+                          "minutes": (time.perf_counter() - t) / 60,
                           "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
-        print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy {base:.1%} -> {acc:.1%}")
+        print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy "
+              f"{base:.1%} -> {results['ppo']['accuracy']:.1%} ({_gain(results['ppo'])})")
 
     if "dpo" in methods:
-        results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, out / "dpo",
-                                           args.dpo_steps, args.seed, base, args.rm_lr, args.dpo_lr)
+        results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, sft_correct,
+                                           out / "dpo", args)
 
     results["minutes"] = (time.perf_counter() - started) / 60
     out.mkdir(parents=True, exist_ok=True)
@@ -152,13 +180,15 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], out: Path, steps: int,
-                      seed: int, base: float, rm_lr: float, dpo_lr: float) -> dict:
+def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], sft_correct: list[float],
+                      out: Path, args: argparse.Namespace) -> dict:
     """Verifier-labelled on-policy pairs -> reward model + DPO; judge DPO vs SFT with the reward model."""
     from lmforge.align.iterative import make_preference_pairs
     from lmforge.align.rejection import RejectionConfig, reward_model_scores
     from lmforge.align.reward_model import load_reward_model, pairwise_accuracy
     from lmforge.align.rewards import exact_number_match
+    from lmforge.data.synthetic import exact_match_accuracy
+    from lmforge.eval.scoring import bootstrap_stderr
     from lmforge.models.checkpoint import load_model
     from lmforge.train.recipe import load_recipe
     from lmforge.train.run import build_trainer
@@ -166,7 +196,7 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     t = time.perf_counter()
     sft = load_model(sft_dir)
     pairs = make_preference_pairs(sft, tokenizer, prompts, n=8, reward_fn=exact_number_match,
-                                  cfg=RejectionConfig(max_new_tokens=16, temperature=1.0, seed=seed),
+                                  cfg=RejectionConfig(max_new_tokens=16, temperature=1.0, seed=args.seed),
                                   out_path=out / "pairs.jsonl")
     print(f"preference pairs: {pairs.pairs} from {pairs.prompts} prompts ({pairs.tied} tied, "
           f"{pairs.unscorable} unscorable)")
@@ -175,34 +205,44 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
         return {"skipped": f"{pairs.pairs} preference pairs", "pairs": pairs.pairs}
     common = {"model": {"path": str(sft_dir)}, "data": {"train": [str(out / "pairs.jsonl")], "val_fraction": 0.2,
                                                         "seq_len": 128},
-              "optim": {"warmup_steps": 0}, "seed": seed, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1,
-              "progress": False, "batch_size": 16}
-    rm_cfg = load_recipe(None, [], defaults={**common, "task": "rm", "out_dir": str(out / "rm"), "max_steps": steps,
-                                              "optim": {"warmup_steps": 0, "lr": rm_lr}})
+              "seed": args.seed, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "progress": False,
+              "batch_size": 16}
+    rm_cfg = load_recipe(None, [], defaults={
+        **common, "task": "rm", "out_dir": str(out / "rm"), "max_steps": args.rm_steps,
+        "optim": {"warmup_steps": args.rm_steps // 10, "lr": args.rm_lr}})
     rm_trainer = build_trainer(rm_cfg)
     rm_result = rm_trainer.fit()
     rm_acc = pairwise_accuracy(rm_trainer.model, rm_trainer.data.val, rm_trainer.data.pad_id)["accuracy"]
     rm = load_reward_model(rm_result.final_checkpoint / "model").eval()
-    print(f"reward model: held-out pairwise accuracy {rm_acc:.1%}")
+    print(f"reward model: held-out pairwise accuracy {rm_acc:.1%} on {len(rm_trainer.data.val)} pairs")
 
-    dpo_cfg = load_recipe(None, [], defaults={**common, "task": "dpo", "out_dir": str(out / "policy"),
-                                               "max_steps": steps, "optim": {"warmup_steps": 0, "lr": dpo_lr}})
+    dpo_cfg = load_recipe(None, [], defaults={
+        **common, "task": "dpo", "out_dir": str(out / "policy"), "max_steps": args.dpo_steps,
+        "optim": {"warmup_steps": 0, "lr": args.dpo_lr}, "preference": {"nll_weight": args.dpo_nll}})
     dpo_result = build_trainer(dpo_cfg).fit()
     dpo = load_model(dpo_result.final_checkpoint / "model")
-    acc = accuracy(dpo, tokenizer, test)
 
     sft_answers = greedy_answers(sft, tokenizer, test, batch_size=ANSWER_BATCH)
     dpo_answers = greedy_answers(dpo, tokenizer, test, batch_size=ANSWER_BATCH)
-    wins = 0.0
+    result = compare([exact_match_accuracy([a], [r["answer"]]) for a, r in zip(dpo_answers, test)], sft_correct)
+    wins = []  # per problem: 1 DPO's answer scores higher, 0 lower, 0.5 same answer or tie
     for rec, a, b in zip(test, sft_answers, dpo_answers):
         if a == b:
-            wins += 0.5
+            wins.append(0.5)
             continue
         s_sft, s_dpo = reward_model_scores(rm, tokenizer, rec["messages"][:1], [a, b])
-        wins += 1.0 if s_dpo > s_sft else 0.5 if s_dpo == s_sft else 0.0
-    win_rate = wins / len(test)
-    print(f"DPO ({steps} steps on {pairs.pairs} pairs): held-out accuracy {base:.1%} -> {acc:.1%}; "
-          f"reward-model win rate vs SFT {win_rate:.1%} ({sum(a != b for a, b in zip(sft_answers, dpo_answers))} "
-          f"of {len(test)} answers changed)")
-    return {"accuracy": acc, "pairs": pairs.pairs, "rm_heldout_pair_accuracy": rm_acc, "rm_win_rate": win_rate,
+        wins.append(1.0 if s_dpo > s_sft else 0.5 if s_dpo == s_sft else 0.0)
+    win_rate = sum(wins) / len(wins)
+    # Unchanged answers are ties by construction and pull the win rate to 50%: also report it over the
+    # answers DPO changed, where the reward model actually has to choose.
+    decided = [w for w, a, b in zip(wins, sft_answers, dpo_answers) if a != b]
+    changed_win_rate = sum(decided) / len(decided) if decided else 0.5
+    print(f"DPO{'+NLL' if args.dpo_nll else ''} ({args.dpo_steps} steps on {pairs.pairs} pairs): held-out accuracy "
+          f"{sum(sft_correct) / len(test):.1%} -> {result['accuracy']:.1%} ({_gain(result)})")
+    print(f"reward-model win rate, DPO vs SFT: {win_rate:.1%} (s.e. {bootstrap_stderr(wins) * 100:.1f}); "
+          f"on the {len(decided)} of {len(test)} answers DPO changed: {changed_win_rate:.1%} "
+          f"(s.e. {bootstrap_stderr(decided) * 100:.1f})")
+    return {**result, "pairs": pairs.pairs, "rm_heldout_pair_accuracy": rm_acc, "rm_win_rate": win_rate,
+            "rm_win_rate_stderr": bootstrap_stderr(wins), "answers_changed": len(decided),
+            "rm_win_rate_changed": changed_win_rate, "rm_win_rate_changed_stderr": bootstrap_stderr(decided),
             "minutes": (time.perf_counter() - t) / 60}

@@ -1,4 +1,5 @@
-"""Preference optimisation on the training engine: DPO, conservative DPO, IPO and SimPO.
+"""Preference optimisation on the training engine: DPO, conservative DPO, IPO and SimPO, each optionally
+with an NLL term on the chosen answer (DPO+NLL / RPO).
 
 The reference model's log-probabilities are computed once, before training, and stored with each pair
 (the reference never changes during a DPO run, so recomputing it every step would double the cost).
@@ -12,10 +13,11 @@ from typing import Sequence
 
 import torch
 
-from lmforge.align.losses import dpo_loss, sequence_logprobs, simpo_loss
+from lmforge.align.losses import dpo_loss, sequence_logprobs, simpo_loss, with_chosen_nll
 from lmforge.align.preference_data import collate_pairs, encode_pair, read_preference_jsonl
 from lmforge.data.sft import SequenceTooLong
 from lmforge.errors import LmforgeError
+from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.trainer import Objective, Trainer
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
@@ -27,10 +29,11 @@ class PreferenceObjective(Objective):
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5) -> None:
+                 simpo_gamma: float = 0.5, nll_weight: float = 0.0) -> None:
         if loss_type not in LOSS_TYPES:
             raise LmforgeError(f"unknown preference loss {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
         self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma = beta, loss_type, label_smoothing, simpo_gamma
+        self.nll_weight = nll_weight  # > 0: DPO+NLL (Pang et al. 2024), see ``with_chosen_nll``
         # IPO and SimPO are defined on length-averaged log-probabilities, DPO on sums.
         self.average = loss_type in ("ipo", "simpo")
 
@@ -53,12 +56,17 @@ class PreferenceObjective(Objective):
     def loss(self, trainer: Trainer, batch) -> torch.Tensor:
         chosen, rejected = self.policy_logps(trainer, batch)
         if self.loss_type == "simpo":
-            return simpo_loss(chosen, rejected, self.beta, self.simpo_gamma).sum()
-        if "ref_logps" not in batch:
-            raise LmforgeError("DPO needs reference log-probabilities; call cache_reference_logps first")
-        ref = batch["ref_logps"].to(chosen.device)
-        losses, _, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta,
-                                label_smoothing=self.label_smoothing, loss_type=self.loss_type)
+            losses = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
+        else:
+            if "ref_logps" not in batch:
+                raise LmforgeError("DPO needs reference log-probabilities; call cache_reference_logps first")
+            ref = batch["ref_logps"].to(chosen.device)
+            losses, _, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta,
+                                    label_smoothing=self.label_smoothing, loss_type=self.loss_type)
+        if self.nll_weight:
+            tokens = torch.ones_like(chosen) if self.average else \
+                (batch["labels"][:chosen.shape[0]] != IGNORE_INDEX).sum(1).to(chosen.device)
+            losses = with_chosen_nll(losses, chosen, tokens, self.nll_weight)
         return losses.sum()
 
 

@@ -2,7 +2,8 @@
 Python function, group-normalised advantages, clipped ratio, k3 KL to a frozen reference.
 
 One iteration: sample ``prompts_per_step`` prompts -> ``group_size`` completions each (batched sampling)
--> rewards -> advantages -> ``updates_per_batch`` optimizer steps on those rollouts. The loop itself --
+-> rewards -> advantages -> ``updates_per_batch`` passes over those rollouts, one optimizer step per
+``mini_batch_size`` completions (default: the whole batch). The loop itself --
 optimiser, schedule, clipping, metrics.jsonl, plot, checkpoints, resume, torchrun -- is the shared
 on-policy loop in ``lmforge.align.rl``; this file holds only GRPO's rollout and loss.
 """
@@ -34,7 +35,8 @@ class GRPOConfig(RLConfig):
     lr: float = 1e-4
     clip_eps: float = 0.2
     beta: float = 0.04  # KL(pi || pi_ref) weight (k3 estimator); 0 drops the reference model
-    updates_per_batch: int = 1  # > 1 reuses rollouts; the clipped ratio then matters
+    updates_per_batch: int = 1  # passes over each rollout batch; > 1 reuses rollouts (the clipped ratio matters)
+    mini_batch_size: int | None = None  # completions per optimizer step; None: the whole batch, one step a pass
     scale_advantages: bool = True  # False: Dr. GRPO (centre only)
 
     def validate(self) -> None:
@@ -45,6 +47,10 @@ class GRPOConfig(RLConfig):
             raise ConfigError("GRPO field 'group_size' must be >= 2: advantages compare samples within a group")
         if self.temperature <= 0:
             raise ConfigError("GRPO field 'temperature' must be > 0: groups need diverse samples")
+        rows = self.prompts_per_step * self.group_size
+        if self.mini_batch_size is not None and (self.mini_batch_size <= 0 or rows % self.mini_batch_size):
+            raise ConfigError(f"GRPO field 'mini_batch_size' ({self.mini_batch_size}) must be positive and divide "
+                              f"prompts_per_step * group_size ({rows})")
         super().validate()
 
 
@@ -81,7 +87,8 @@ class GRPOTrainer(OnPolicyTrainer):
                  out_dir: str | Path) -> None:
         cfg.validate()
         super().__init__(model, tokenizer, prompts, cfg, out_dir, prompts_per_step=cfg.prompts_per_step,
-                         reference=cfg.beta > 0, epochs=cfg.updates_per_batch)
+                         reference=cfg.beta > 0, epochs=cfg.updates_per_batch,
+                         minibatch=cfg.mini_batch_size)
         self.reward_fn = reward_fn
 
     @torch.no_grad()

@@ -132,6 +132,26 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
+def with_chosen_nll(losses: torch.Tensor, chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+                     nll_weight: float) -> torch.Tensor:
+    """Preference losses ``[B]`` plus a weighted negative log-likelihood of the chosen completion, per token:
+
+        loss_i = pref_loss_i + nll_weight * ( -log pi(y_w | x) / |y_w| )
+
+    The DPO+NLL objective of Pang et al. 2024 ("Iterative Reasoning Preference Optimization", eq. 1-3;
+    TRL calls the weight ``rpo_alpha``). Plain DPO only moves the log-ratio *difference*, so on pairs that
+    differ in a token or two it can lower the chosen answer's probability along with the rejected one's;
+    the NLL term keeps the chosen answer likely. ``chosen_logps`` are sums over ``chosen_tokens`` targets
+    (pass ``chosen_tokens`` = 1 for already length-averaged log-probs); ``nll_weight`` 0 returns ``losses``.
+    """
+    if nll_weight < 0:
+        raise LmforgeError(f"nll_weight must be >= 0, got {nll_weight}")
+    if nll_weight == 0:
+        return losses
+    _check_same_shape(losses=losses, chosen_logps=chosen_logps)
+    return losses - nll_weight * chosen_logps.float() / chosen_tokens.clamp(min=1).to(chosen_logps.device)
+
+
 def simpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor,
                beta: float, gamma: float) -> torch.Tensor:
     """SimPO losses ``[B]`` (Meng et al. 2024, eq. 6), reference-free:
@@ -333,4 +353,4 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
 
 __all__ = ["bradley_terry_loss", "dpo_loss", "gae", "group_advantages", "grpo_loss", "kl_penalty", "masked_mean",
            "masked_sum", "ppo_policy_loss", "ppo_value_loss", "sequence_logprobs", "simpo_loss", "token_logprobs",
-           "whiten"]
+           "whiten", "with_chosen_nll"]

@@ -73,6 +73,7 @@ class PreferenceSpec:
     loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # DPO, IPO, SimPO
     label_smoothing: float = 0.0  # > 0: conservative DPO
     simpo_gamma: float = 0.5
+    nll_weight: float = 0.0  # > 0: add the chosen answer's per-token NLL (DPO+NLL, Pang et al. 2024)
 
 
 @dataclass
@@ -131,6 +132,7 @@ class TrainConfig:
         need(0 <= self.distill.kd_weight <= 1, "distill.kd_weight", "must be in [0, 1]")
         need(self.preference.beta > 0, "preference.beta", "must be positive")
         need(0 <= self.preference.label_smoothing < 0.5, "preference.label_smoothing", "must be in [0, 0.5)")
+        need(self.preference.nll_weight >= 0, "preference.nll_weight", "must be >= 0")
 
 
 # ---- typed loading ---------------------------------------------------------------------------------

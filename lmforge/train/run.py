@@ -127,7 +127,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     from lmforge.align.dpo import PreferenceObjective, cache_reference_logps
 
     p = cfg.preference
-    objective = PreferenceObjective(p.beta, p.loss_type, p.label_smoothing, p.simpo_gamma)
+    objective = PreferenceObjective(p.beta, p.loss_type, p.label_smoothing, p.simpo_gamma, p.nll_weight)
     trainer = Trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, objective=objective)
     if p.loss_type != "simpo":  # SimPO is reference-free
         cache_reference_logps(trainer, [data.train, data.val], objective, batch_size=cfg.batch_size)

@@ -24,12 +24,14 @@ def test_quickstart_align_runs_every_stage(tmp_path, capsys):
     save_model(Transformer(cfg).init_weights(std=0.05, seed=0), run / "sft", tokenizer=tok)
     (run / "summary.json").write_text(json.dumps({"checkpoint": str(run / "sft")}))
     args = ["quickstart-align", "--run", str(run), "--skill", "add1", "--test-size", "6", "--grpo-steps", "1",
-            "--ppo-steps", "1", "--dpo-prompts", "4", "--dpo-steps", "1", "--rollouts", "8"]
+            "--ppo-steps", "1", "--dpo-prompts", "4", "--rm-steps", "1", "--dpo-steps", "1", "--rollouts", "8",
+            "--train-size", "40"]
     assert main(args) == 0
     summary = json.loads((run / "align" / "summary.json").read_text())
     assert summary["test_size"] == 6 and 0.0 <= summary["sft_accuracy"] <= 1.0
     for method in ("grpo", "ppo"):
         assert 0.0 <= summary[method]["accuracy"] <= 1.0 and summary[method]["steps"] == 1
+        assert abs(summary[method]["accuracy"] - summary["sft_accuracy"] - summary[method]["gain"]) < 1e-9
     assert "dpo" in summary  # a random model rarely gets answers right: DPO may be skipped, never a crash
     out = capsys.readouterr().out
     assert "held-out add1 accuracy" in out

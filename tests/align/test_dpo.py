@@ -53,6 +53,25 @@ def test_first_step_loss_is_log_two(workspace, tmp_path, smoothing):
     assert abs(trainer.train_step()["loss"] - math.log(2)) < 1e-5
 
 
+def test_nll_term_adds_the_chosen_answers_per_token_nll(workspace, tmp_path):
+    """DPO+NLL at step 1: the DPO part is log 2 (policy == reference), plus the chosen answers' mean NLL."""
+    import torch
+
+    from lmforge.align.losses import sequence_logprobs
+    from lmforge.train.objectives import IGNORE_INDEX
+
+    trainer = build_trainer(recipe(workspace, tmp_path, "preference.nll_weight=0.5"))
+    items = trainer.data.train.items[:4]
+    batch = trainer.objective.collate(items, trainer.data.pad_id)
+    with torch.no_grad():
+        loss = float(trainer.objective.loss(trainer, batch)) / len(items)
+        logits = trainer.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        chosen_labels = batch["labels"][:len(items)]
+        chosen_sum = sequence_logprobs(logits[:len(items)], chosen_labels)
+        per_token_nll = -(chosen_sum / (chosen_labels != IGNORE_INDEX).sum(1)).mean()
+    assert abs(loss - (math.log(2) + 0.5 * float(per_token_nll))) < 1e-5
+
+
 def test_dpo_learns_the_preference_and_generalises(workspace, tmp_path):
     from lmforge.align.dpo import preference_accuracy
 

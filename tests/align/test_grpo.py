@@ -70,6 +70,17 @@ def test_failing_reward_is_skipped_not_trained_on(tok, tmp_path):
 def test_bad_config(tok, tmp_path):
     with pytest.raises(ConfigError, match="group_size"):
         GRPOTrainer(tiny_model(), tok, PROMPTS, says_yes, GRPOConfig(group_size=1), tmp_path)
+    with pytest.raises(ConfigError, match="mini_batch_size.*divide"):
+        GRPOConfig(prompts_per_step=4, group_size=4, mini_batch_size=6).validate()
+
+
+def test_minibatches_make_several_optimizer_steps_per_rollout(tok, tmp_path):
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=2, seed=0, save_every=0,
+                     updates_per_batch=2, mini_batch_size=2, progress=False)
+    trainer = GRPOTrainer(tiny_model(), tok, PROMPTS, says_yes, cfg, tmp_path / "g")
+    trainer.fit()
+    # 8 completions in minibatches of 2, two passes: 8 Adam steps on the one rollout batch.
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 8
 
 
 def test_cli(tok, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmforge.align.losses import (bradley_terry_loss, dpo_loss, gae, group_advantages, grpo_loss, kl_penalty,
-                                  ppo_policy_loss, ppo_value_loss, sequence_logprobs, simpo_loss, whiten)
+                                  ppo_policy_loss, ppo_value_loss, sequence_logprobs, simpo_loss, whiten,
+                                  with_chosen_nll)
 from lmforge.errors import LmforgeError
 from lmforge.train.objectives import IGNORE_INDEX
 
@@ -107,6 +108,20 @@ def test_simpo_matches_formula():
     losses = simpo_loss(_t(-0.5, -1.0), _t(-0.75, -0.5), beta, gamma)
     assert _close(losses[0], -_logsig(beta * 0.25 - gamma))
     assert _close(losses[1], -_logsig(beta * -0.5 - gamma))
+
+
+def test_chosen_nll_term_is_per_token_nll_of_the_chosen_answer():
+    """DPO+NLL (Pang et al. 2024): pref_loss + w * (-log pi(y_w|x) / |y_w|), per pair."""
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, 0.1)
+    out = with_chosen_nll(losses, PC, torch.tensor([2, 4]), nll_weight=0.5)
+    assert _close(out[0], losses[0].item() + 0.5 * 5.0 / 2)
+    assert _close(out[1], losses[1].item() + 0.5 * 3.0 / 4)
+    assert with_chosen_nll(losses, PC, torch.tensor([2, 4]), 0.0) is losses
+    pc = PC.clone().requires_grad_()
+    with_chosen_nll(torch.zeros(2, dtype=torch.float64), pc, torch.tensor([2, 4]), 1.0).sum().backward()
+    assert torch.allclose(pc.grad, _t(-0.5, -0.25))  # raising the chosen log-prob lowers the loss
+    with pytest.raises(LmforgeError, match="nll_weight"):
+        with_chosen_nll(losses, PC, torch.tensor([2, 4]), -1.0)
 
 
 # ---- GAE -----------------------------------------------------------------------------------------

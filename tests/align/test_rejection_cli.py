@@ -94,7 +94,7 @@ def test_error_paths(ws, tmp_path, capsys, command):
 def test_iterative_dpo_command_runs_a_round(ws, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["iterative-dpo", *sample_args(ws, "--reward-model", str(ws / "rm"), "--out", str(run), "--rounds", "1",
-                                          "--steps-per-round", "2", "--loss", "cdpo", "--beta", "0.5",
+                                          "--steps-per-round", "2", "--loss", "cdpo", "--beta", "0.5", "--nll-weight", "1",
                                           "--lr", "1e-3", "--batch-size", "2", "--eval-prompts",
                                           str(ws / "prompts.jsonl"))]
     assert main(args + ["data.val_fraction=0.5"]) == 0
@@ -102,7 +102,8 @@ def test_iterative_dpo_command_runs_a_round(ws, tmp_path, capsys):
     assert "round 0: eval reward" in out and "pairs from 4 prompts" in out
     assert f"final policy: {run / 'round_1' / 'model'}" in out
     recipe = json.loads((run / "round_1" / "train" / "recipe.json").read_text())
-    assert recipe["preference"] == {"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.1, "simpo_gamma": 0.5}
+    assert recipe["preference"] == {"beta": 0.5, "loss_type": "sigmoid", "label_smoothing": 0.1, "simpo_gamma": 0.5,
+                                    "nll_weight": 1.0}
     assert recipe["optim"]["lr"] == 1e-3 and recipe["batch_size"] == 2
     stats = json.loads((run / "round_1" / "stats.json").read_text())
     assert stats["eval_reward"] is not None and stats["pairs"]["pairs"] == 4
