@@ -97,6 +97,11 @@ def compare(after: list[float], before: list[float]) -> dict:
             "gain_stderr": bootstrap_stderr(diffs)}
 
 
+def _quarter(rows: int) -> int:
+    """Minibatch size for ``rows`` samples per step: about a quarter, and dividing ``rows`` exactly."""
+    return next(d for d in range(max(1, rows // 4), 0, -1) if rows % d == 0)
+
+
 def _gain(r: dict) -> str:
     return f"{r['gain'] * 100:+.1f} points, paired s.e. {r['gain_stderr'] * 100:.1f}"
 
@@ -135,14 +140,14 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     base = sum(sft_correct) / len(test)
     results["sft_accuracy"] = base
     print(f"SFT model {sft_dir}: held-out {args.skill} accuracy {base:.1%} on {len(test)} problems")
-    minibatch = max(1, args.rollouts // 4)
 
     if "grpo" in methods:
         model = load_model(sft_dir)
-        cfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=max(1, args.rollouts // args.group_size),
+        prompts_per_step = max(1, args.rollouts // args.group_size)
+        cfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=prompts_per_step,
                          group_size=args.group_size, max_new_tokens=16, temperature=1.0, lr=args.grpo_lr,
                          beta=args.grpo_beta, seed=args.seed, save_every=0, updates_per_batch=2,
-                         mini_batch_size=minibatch)
+                         mini_batch_size=_quarter(prompts_per_step * args.group_size))
         t = time.perf_counter()
         history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
         results["grpo"] = {**compare(correct(model, tokenizer, test), sft_correct), "steps": cfg.steps,
@@ -153,7 +158,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
 
     if "ppo" in methods:
         model = load_model(sft_dir)
-        cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=minibatch,
+        cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=_quarter(args.rollouts),
                         ppo_epochs=2, max_new_tokens=16, temperature=1.0, lr=args.ppo_lr, kl_coef=0.02,
                         seed=args.seed, save_every=0, truncated_reward=0.0)
         t = time.perf_counter()
