@@ -78,11 +78,14 @@ def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
 ANSWER_BATCH = 64  # prompts per greedy-answer batch
 
 
-def correct(model, tokenizer, records: list[dict]) -> list[float]:
-    """1.0 where the greedy answer's last number equals the reference answer, per record."""
+def answers_of(model, tokenizer, records: list[dict]) -> list[str]:
+    return greedy_answers(model, tokenizer, records, batch_size=ANSWER_BATCH)
+
+
+def correct(answers: list[str], records: list[dict]) -> list[float]:
+    """1.0 where an answer's last number equals its record's reference answer, per record."""
     from lmforge.data.synthetic import exact_match_accuracy
 
-    answers = greedy_answers(model, tokenizer, records, batch_size=ANSWER_BATCH)
     return [exact_match_accuracy([a], [r["answer"]]) for a, r in zip(answers, records)]
 
 
@@ -136,7 +139,8 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     train = [{"messages": r["messages"][:1], "answer": r["answer"]} for r in train]
     tokenizer = load_tokenizer(sft_dir)
     results: dict = {"skill": args.skill, "test_size": len(test), "sft_checkpoint": str(sft_dir)}
-    sft_correct = correct(load_model(sft_dir), tokenizer, test)
+    sft_answers = answers_of(load_model(sft_dir), tokenizer, test)
+    sft_correct = correct(sft_answers, test)
     base = sum(sft_correct) / len(test)
     results["sft_accuracy"] = base
     print(f"SFT model {sft_dir}: held-out {args.skill} accuracy {base:.1%} on {len(test)} problems")
@@ -150,7 +154,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
                          mini_batch_size=_quarter(prompts_per_step * args.group_size))
         t = time.perf_counter()
         history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
-        results["grpo"] = {**compare(correct(model, tokenizer, test), sft_correct), "steps": cfg.steps,
+        results["grpo"] = {**compare(correct(answers_of(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
                            "minutes": (time.perf_counter() - t) / 60,
                            "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
         print(f"GRPO ({cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples): "
@@ -163,15 +167,15 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
                         seed=args.seed, save_every=0, truncated_reward=0.0)
         t = time.perf_counter()
         history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
-        results["ppo"] = {**compare(correct(model, tokenizer, test), sft_correct), "steps": cfg.steps,
+        results["ppo"] = {**compare(correct(answers_of(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
                           "minutes": (time.perf_counter() - t) / 60,
                           "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
         print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy "
               f"{base:.1%} -> {results['ppo']['accuracy']:.1%} ({_gain(results['ppo'])})")
 
     if "dpo" in methods:
-        results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, sft_correct,
-                                           out / "dpo", args)
+        results["dpo"] = _preference_stage(sft_dir, tokenizer, train[:args.dpo_prompts], test, sft_answers,
+                                           sft_correct, out / "dpo", args)
 
     results["minutes"] = (time.perf_counter() - started) / 60
     out.mkdir(parents=True, exist_ok=True)
@@ -185,14 +189,13 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], sft_correct: list[float],
-                      out: Path, args: argparse.Namespace) -> dict:
+def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[dict], sft_answers: list[str],
+                      sft_correct: list[float], out: Path, args: argparse.Namespace) -> dict:
     """Verifier-labelled on-policy pairs -> reward model + DPO; judge DPO vs SFT with the reward model."""
     from lmforge.align.iterative import make_preference_pairs
     from lmforge.align.rejection import RejectionConfig, reward_model_scores
     from lmforge.align.reward_model import load_reward_model, pairwise_accuracy
     from lmforge.align.rewards import exact_number_match
-    from lmforge.data.synthetic import exact_match_accuracy
     from lmforge.eval.scoring import bootstrap_stderr
     from lmforge.models.checkpoint import load_model
     from lmforge.train.recipe import load_recipe
@@ -227,9 +230,8 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     dpo_result = build_trainer(dpo_cfg).fit()
     dpo = load_model(dpo_result.final_checkpoint / "model")
 
-    sft_answers = greedy_answers(sft, tokenizer, test, batch_size=ANSWER_BATCH)
-    dpo_answers = greedy_answers(dpo, tokenizer, test, batch_size=ANSWER_BATCH)
-    result = compare([exact_match_accuracy([a], [r["answer"]]) for a, r in zip(dpo_answers, test)], sft_correct)
+    dpo_answers = answers_of(dpo, tokenizer, test)
+    result = compare(correct(dpo_answers, test), sft_correct)
     wins = []  # per problem: 1 DPO's answer scores higher, 0 lower, 0.5 same answer or tie
     for rec, a, b in zip(test, sft_answers, dpo_answers):
         if a == b:
@@ -242,12 +244,13 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     # answers DPO changed, where the reward model actually has to choose.
     decided = [w for w, a, b in zip(wins, sft_answers, dpo_answers) if a != b]
     changed_win_rate = sum(decided) / len(decided) if decided else 0.5
+    win_se, changed_se = bootstrap_stderr(wins), bootstrap_stderr(decided)
     print(f"DPO{'+NLL' if args.dpo_nll else ''} ({args.dpo_steps} steps on {pairs.pairs} pairs): held-out accuracy "
           f"{sum(sft_correct) / len(test):.1%} -> {result['accuracy']:.1%} ({_gain(result)})")
-    print(f"reward-model win rate, DPO vs SFT: {win_rate:.1%} (s.e. {bootstrap_stderr(wins) * 100:.1f}); "
+    print(f"reward-model win rate, DPO vs SFT: {win_rate:.1%} (s.e. {win_se * 100:.1f}); "
           f"on the {len(decided)} of {len(test)} answers DPO changed: {changed_win_rate:.1%} "
-          f"(s.e. {bootstrap_stderr(decided) * 100:.1f})")
+          f"(s.e. {changed_se * 100:.1f})")
     return {**result, "pairs": pairs.pairs, "rm_heldout_pair_accuracy": rm_acc, "rm_win_rate": win_rate,
-            "rm_win_rate_stderr": bootstrap_stderr(wins), "answers_changed": len(decided),
-            "rm_win_rate_changed": changed_win_rate, "rm_win_rate_changed_stderr": bootstrap_stderr(decided),
+            "rm_win_rate_stderr": win_se, "answers_changed": len(decided),
+            "rm_win_rate_changed": changed_win_rate, "rm_win_rate_changed_stderr": changed_se,
             "minutes": (time.perf_counter() - t) / 60}
