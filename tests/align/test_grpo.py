@@ -99,6 +99,9 @@ def test_cli(tok, tmp_path, capsys):
     assert "mean reward" in capsys.readouterr().out and (tmp_path / "run" / "model" / "config.json").is_file()
     assert main(args + ["--reward", "nonsense"]) == 2
     assert "--reward 'nonsense'" in capsys.readouterr().err
+    assert main(args + ["--updates-per-batch", "2", "--mini-batch-size", "2", "--out", str(tmp_path / "mb")]) == 0
+    assert main(args + ["--mini-batch-size", "3"]) == 2
+    assert "'mini_batch_size' (3) must be positive and divide" in capsys.readouterr().err
 
 
 def test_cli_resume(tok, tmp_path, capsys):
