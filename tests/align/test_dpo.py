@@ -72,6 +72,13 @@ def test_nll_term_adds_the_chosen_answers_per_token_nll(workspace, tmp_path):
     assert abs(loss - (math.log(2) + 0.5 * float(per_token_nll))) < 1e-5
 
 
+def test_negative_nll_weight_is_refused_by_the_recipe(workspace, tmp_path):
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preference.nll_weight"):
+        recipe(workspace, tmp_path, "preference.nll_weight=-0.5")
+
+
 def test_dpo_learns_the_preference_and_generalises(workspace, tmp_path):
     from lmforge.align.dpo import preference_accuracy
 
