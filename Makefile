@@ -18,6 +18,7 @@ quickstart: setup
 	$(BIN)/lmforge quickstart
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: setup

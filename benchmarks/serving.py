@@ -43,8 +43,8 @@ def make_requests(n: int, vocab: int, seed: int, min_prompt: int, max_prompt: in
 
 
 def run_engine(model, requests, keep_outputs: bool = False, **engine_kwargs) -> dict:
-    from lmforge.serve.engine import Engine
-    from lmforge.serve.sequence import SamplingParams
+    from lmforge.engine.engine import Engine
+    from lmforge.engine.sequence import SamplingParams
 
     engine = Engine(model, **engine_kwargs)
     outputs = {}

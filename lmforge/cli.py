@@ -6,24 +6,9 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable
 
+from lmforge.commands import COMMANDS, DEVICE_FLAG, command
 from lmforge.errors import LmforgeError
-
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):  # noqa: A002 - argparse's word
-    """Register ``fn(args) -> exit code`` with an ``add_args(parser)`` hook as a subcommand."""
-
-    def wrap(add_args: Callable[[argparse.ArgumentParser], None]):
-        def register(fn: Callable[[argparse.Namespace], int]):
-            COMMANDS[name] = (help, add_args, fn)
-            return fn
-
-        return register
-
-    return wrap
 
 
 # ---- inspect ----------------------------------------------------------------------------------
@@ -56,7 +41,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -117,16 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_plugins() -> None:
-    """Stages register their own subcommands; importing them is cheap (heavy imports are inside)."""
-    import importlib
-
-    for module in ("lmforge.train.cli", "lmforge.align.cli", "lmforge.align.cli_sampling", "lmforge.eval.cli",
-                   "lmforge.serve.cli", "lmforge.quickstart", "lmforge.align.demo"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    """Stages register their own subcommands (``lmforge.commands``) when imported; importing them is cheap
+    (heavy imports are inside the commands). Imported in the order ``--help`` lists them."""
+    import lmforge.train.cli  # noqa: F401, I001
+    import lmforge.align.cli  # noqa: F401
+    import lmforge.align.cli_sampling  # noqa: F401
+    import lmforge.eval.cli  # noqa: F401
+    import lmforge.serve.cli  # noqa: F401
+    import lmforge.quickstart.pretrain_sft  # noqa: F401
+    import lmforge.quickstart.align  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the imported module, where the stages register their subcommands (``python -m`` would
-    # otherwise execute a second copy of this file with an empty registry).
-    from lmforge.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,59 +1,59 @@
-"""``lmforge dpo``: preference optimisation (DPO, cDPO, IPO, SimPO) with the training engine."""
+"""``lmforge dpo`` and ``lmforge rm`` (recipes, as ``lmforge sft``), and ``lmforge grpo`` and ``lmforge ppo``
+(an optional recipe of GRPOConfig / PPOConfig fields, key=value overrides, and flags for the common ones).
+
+Importing this module registers the ``dpo`` and ``rm`` recipe tasks (``lmforge.align.dpo`` and
+``lmforge.align.reward_model`` register them with the training engine when imported).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from lmforge.cli import command
-from lmforge.train.cli import _train_args
+from lmforge.align.dpo import preference_accuracy
+from lmforge.align.grpo import GRPOConfig, GRPOTrainer
+from lmforge.align.ppo import PPOConfig, PPOTrainer
+from lmforge.align.reward_model import load_reward_model, pairwise_accuracy
+from lmforge.commands import command
+from lmforge.train.cli import SHARED, _run, _train_args, config_flags, load_config, recipe_args, shared_flags
+
+
+def _run_with_accuracy(task: str, args: argparse.Namespace, accuracy, what: str, margin: str) -> int:
+    """``_run``, reporting held-out ``accuracy(trainer)`` before and after training."""
+    def report(trainer, when: str) -> None:
+        if trainer.data.val is not None and trainer.dist.main:
+            acc = accuracy(trainer)
+            print(f"held-out {what} accuracy {when}: {acc['accuracy']:.1%} ({margin} {acc['margin']:+.3f})")
+
+    return _run(task, args, before=lambda t: report(t, "before"), after=lambda t: report(t, "after"))
 
 
 @command("dpo", "preference optimisation on prompt/chosen/rejected JSONL (DPO, IPO, SimPO, cDPO)")(_train_args)
 def dpo_cmd(args: argparse.Namespace) -> int:
-    from lmforge.align.dpo import preference_accuracy
-    from lmforge.train.cli import _run
-
-    def report(trainer, when: str) -> None:
-        if trainer.data.val is not None and trainer.dist.main:
-            acc = preference_accuracy(trainer, trainer.data.val, trainer.objective)
-            print(f"held-out preference accuracy {when}: {acc['accuracy']:.1%} (mean reward margin {acc['margin']:+.3f})")
-
-    return _run("dpo", args, before=lambda t: report(t, "before"), after=lambda t: report(t, "after"))
+    return _run_with_accuracy("dpo", args, lambda t: preference_accuracy(t, t.data.val, t.objective),
+                              "preference", "mean reward margin")
 
 
 @command("rm", "train a reward model (Bradley-Terry) on prompt/chosen/rejected JSONL")(_train_args)
 def rm_cmd(args: argparse.Namespace) -> int:
-    from lmforge.align.reward_model import pairwise_accuracy
-    from lmforge.train.cli import _run
+    return _run_with_accuracy("rm", args, lambda t: pairwise_accuracy(t.model, t.data.val, t.data.pad_id),
+                              "pairwise", "mean margin")
 
-    def report(trainer, when: str) -> None:
-        if trainer.data.val is not None and trainer.dist.main:
-            acc = pairwise_accuracy(trainer.model, trainer.data.val, trainer.data.pad_id)
-            print(f"held-out pairwise accuracy {when}: {acc['accuracy']:.1%} (mean margin {acc['margin']:+.3f})")
 
-    return _run("rm", args, before=lambda t: report(t, "before"), after=lambda t: report(t, "after"))
+# ---- grpo and ppo -----------------------------------------------------------------------------------
+RL_FLAGS = dict(fields={"seed": "seed", "device": "device"}, model={"required": True}, prompts={"required": True})
+GRPO_DEFAULTS = {"prompts_per_step": 16, "lr": 5e-5, "beta": 0.02}  # the command's, where they are not GRPOConfig's
 
 
 def _grpo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="policy to start from (HF directory with tokenizer)")
-    p.add_argument("--prompts", required=True, help="JSONL records with 'messages' (chat) and 'answer'")
-    p.add_argument("--reward", default="exact_number",
-                   help="'exact_number' (last number equals the answer) or 'regex:PATTERN' (format check), "
-                        "or 'module:function' for your own (completion, answer) -> float")
-    p.add_argument("--out", default="runs/grpo")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--beta", type=float, default=0.02, help="KL weight to the starting policy (k3)")
-    p.add_argument("--updates-per-batch", type=int, default=1, help="passes over each step's completions")
-    p.add_argument("--mini-batch-size", type=int, default=None,
-                   help="completions per optimizer step (default: all of the step's, one step per pass)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the run's latest checkpoint in --out (or the one given)")
+    recipe_args(p, "GRPOConfig overrides, e.g. clip_eps=0.1 top_p=0.95", "YAML recipe of GRPOConfig fields")
+    shared_flags(p, "model", "prompts", "reward", "out", "seed", "device", "resume", **RL_FLAGS,
+                 reward={"default": "exact_number"}, out={"default": "runs/grpo"})
+    config_flags(p, GRPOConfig, {
+        "steps": None, "prompts_per_step": None, "group_size": None, "max_new_tokens": None, "temperature": None,
+        "lr": None, "beta": "KL weight to the starting policy (k3)",
+        "updates_per_batch": "passes over each step's completions",
+        "mini_batch_size": "completions per optimizer step (default: all of the step's, one step per pass)"},
+        GRPO_DEFAULTS)
 
 
 def reward_from_spec(spec: str):
@@ -101,77 +101,48 @@ def _fit_and_save(trainer, args: argparse.Namespace) -> int:
 
 @command("grpo", "GRPO with a verifiable reward on prompts with reference answers")(_grpo_args)
 def grpo_cmd(args: argparse.Namespace) -> int:
-    from lmforge.align.grpo import GRPOConfig, GRPOTrainer
-    from lmforge.align.rejection import read_prompt_jsonl
+    from lmforge.data.chat import read_prompt_jsonl
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
 
+    cfg = load_config(args, GRPOConfig, GRPO_DEFAULTS)  # checked before any model is loaded
     records = read_prompt_jsonl(args.prompts, needs_answer=True)
-    cfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, beta=args.beta,
-                     updates_per_batch=args.updates_per_batch, mini_batch_size=args.mini_batch_size, seed=args.seed)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     trainer = GRPOTrainer(model, tokenizer, records, reward_from_spec(args.reward), cfg, args.out)
     return _fit_and_save(trainer, args)
 
 
-# ---- ppo ---------------------------------------------------------------------------------------
 def _ppo_args(p: argparse.ArgumentParser) -> None:
-    # Defaults are PPOConfig's (a test checks they agree); written out so `lmforge --help` need not import torch.
-    p.add_argument("--model", required=True, help="policy to start from (HF directory with tokenizer)")
-    p.add_argument("--prompts", required=True,
-                   help="JSONL records with 'messages' (chat) and, for --reward, 'answer'")
+    recipe_args(p, "PPOConfig overrides, e.g. clip_eps=0.1 value_clip_eps=0.5", "YAML recipe of PPOConfig fields")
+    shared_flags(p, "model", "prompts", "out", "seed", "device", "resume", **RL_FLAGS, out={"default": "runs/ppo"})
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--reward", default=None,
-                     help="verifiable reward: 'exact_number' (the default), 'regex:PATTERN' or 'module:function' "
-                          "for your own (completion, answer) -> float")
+    shared_flags(how, "reward", reward={"help": SHARED["reward"]["help"] + " (the default: exact_number)"})
     how.add_argument("--reward-model", default=None, metavar="PATH",
                      help="score prompt + completion with this reward model (from `lmforge rm`; same tokenizer)")
-    p.add_argument("--out", default="runs/ppo")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--rollout-batch-size", type=int, default=64,
-                   help="completions per step (one per prompt), all processes together")
-    p.add_argument("--mini-batch-size", type=int, default=8, help="completions per optimizer step")
-    p.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--kl-coef", type=float, default=0.05, help="per-token KL penalty to the reference (k1)")
-    p.add_argument("--ref-ema", type=float, default=0.99,
-                   help="EMA rate of the reference toward the policy after each step; 0 freezes it")
-    p.add_argument("--vf-coef", type=float, default=0.1, help="value-loss weight")
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    p.add_argument("--no-normalize-advantages", action="store_true", help="do not whiten the advantages")
-    p.add_argument("--truncated-reward", type=float, default=None,
-                   help="score given to completions without EOS within --max-new-tokens (default: score them as is)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the run's latest checkpoint in --out (or the one given)")
+    config_flags(p, PPOConfig, {
+        "steps": None, "rollout_batch_size": "completions per step (one per prompt), all processes together",
+        "mini_batch_size": "completions per optimizer step", "ppo_epochs": "passes over each rollout batch",
+        "max_new_tokens": None, "temperature": None, "lr": None,
+        "kl_coef": "per-token KL penalty to the reference (k1)",
+        "ref_ema": "EMA rate of the reference toward the policy after each step; 0 freezes it",
+        "vf_coef": "value-loss weight", "gamma": None, "lam": "GAE lambda",
+        "normalize_advantages": "do not whiten the advantages",
+        "truncated_reward": "score of completions without EOS within --max-new-tokens (default: score them as is)",
+        "save_every": "checkpoint every N steps (and at the end)"})
 
 
 @command("ppo", "PPO with a value head, a verifiable reward or a reward model, and a KL-penalised reference")(_ppo_args)
 def ppo_cmd(args: argparse.Namespace) -> int:
-    from lmforge.align.ppo import PPOConfig, PPOTrainer
-    from lmforge.align.rejection import read_prompt_jsonl
-    from lmforge.align.reward_model import load_reward_model
+    from lmforge.data.chat import read_prompt_jsonl
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
 
+    cfg = load_config(args, PPOConfig)  # checked before any model is loaded: a bad flag fails fast
     if args.reward_model:
         reward = load_reward_model(args.reward_model)
     else:
         reward = reward_from_spec(args.reward or "exact_number")
     records = read_prompt_jsonl(args.prompts, needs_answer=args.reward_model is None)
-    cfg = PPOConfig(steps=args.steps, rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
-                    ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    lr=args.lr, kl_coef=args.kl_coef, ref_ema=args.ref_ema, vf_coef=args.vf_coef, gamma=args.gamma,
-                    lam=args.lam, normalize_advantages=not args.no_normalize_advantages,
-                    truncated_reward=args.truncated_reward, save_every=args.save_every, device=args.device,
-                    seed=args.seed)
-    cfg.validate()  # before loading the model: a bad flag should fail fast
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     trainer = PPOTrainer(model, tokenizer, records, reward, cfg, args.out)
     if trainer.dist.main:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli import command
+from lmforge.commands import command
+from lmforge.train.cli import recipe_args, shared_flags, split_recipe
 
 # --loss names -> (preference.loss_type, default label smoothing); cDPO is DPO with label smoothing.
 LOSSES = {"dpo": ("sigmoid", 0.0), "ipo": ("ipo", 0.0), "simpo": ("simpo", 0.0), "cdpo": ("sigmoid", 0.1)}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="policy to sample from (HF directory with tokenizer)")
-    p.add_argument("--prompts", required=True,
-                   help="JSONL records with 'messages' (a chat prompt; a final assistant turn is dropped) "
-                        "and an optional reference 'answer' for --reward")
-    p.add_argument("--reward", help="a verifier: 'exact_number' (last number equals the answer), 'regex:PATTERN', "
-                                    "or 'module:function' for your own (completion, answer) -> float")
+    shared_flags(p, "model", "prompts", "reward", "seed", "device", model={"required": True},
+                 prompts={"required": True, "help": "JSONL records with 'messages' (a chat prompt; a final assistant "
+                                                    "turn is dropped) and an optional reference 'answer' for --reward"})
     p.add_argument("--reward-model", metavar="PATH", help="a reward model directory (from `lmforge rm`)")
     p.add_argument("--n", type=int, default=8, help="answers sampled per prompt")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -24,14 +22,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts-per-batch", type=int, default=8, help="prompts per generate call (each gives n rows)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 def _sampling(args: argparse.Namespace):
     """(prompt records, reward_fn or None, RejectionConfig), all checked before any model is loaded."""
     from lmforge.align.cli import reward_from_spec
-    from lmforge.align.rejection import RejectionConfig, read_prompt_jsonl
+    from lmforge.align.rejection import RejectionConfig
+    from lmforge.data.chat import read_prompt_jsonl
     from lmforge.errors import LmforgeError
 
     if (args.reward is None) == (args.reward_model is None):
@@ -52,7 +49,8 @@ def _load_reward_model(args: argparse.Namespace, device):
 
 def _rejection_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
-    p.add_argument("--out", required=True, help="SFT chat JSONL to write (read by `lmforge sft`)")
+    shared_flags(p, "out", out={"required": True, "metavar": "JSONL",
+                                "help": "SFT chat JSONL to write (read by `lmforge sft`)"})
     p.add_argument("--threshold", type=float, default=None, help="drop prompts whose best score is below this")
 
 
@@ -61,7 +59,7 @@ def rejection_sample_cmd(args: argparse.Namespace) -> int:
     from lmforge.align.rejection import rejection_sample
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
-    from lmforge.train.trainer import pick_device
+    from lmforge.models.device import pick_device
 
     records, reward_fn, cfg = _sampling(args)
     device = pick_device(args.device)
@@ -76,9 +74,9 @@ def rejection_sample_cmd(args: argparse.Namespace) -> int:
 
 def _iterative_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides for each round's DPO run, e.g. batch_size=4 data.val_fraction=0.1")
-    p.add_argument("--out", default="runs/iterative-dpo", help="run directory (round_1/, round_2/, ...)")
+    recipe_args(p, "recipe overrides for each round's DPO run, e.g. batch_size=4 data.val_fraction=0.1",
+                "YAML recipe for each round's DPO run (its model, data and out_dir are the round's)")
+    shared_flags(p, "out", out={"default": "runs/iterative-dpo", "help": "the run directory (round_1/, round_2/, ...)"})
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps-per-round", type=int, default=20, help="DPO optimizer steps per round")
     p.add_argument("--loss", choices=sorted(LOSSES), default="dpo",
@@ -97,9 +95,9 @@ def _iterative_args(p: argparse.ArgumentParser) -> None:
 @command("iterative-dpo", "rounds of on-policy pairs (verifier or reward model labels), then DPO")(_iterative_args)
 def iterative_dpo_cmd(args: argparse.Namespace) -> int:
     from lmforge.align.iterative import iterative_dpo
-    from lmforge.align.rejection import read_prompt_jsonl
+    from lmforge.data.chat import read_prompt_jsonl
     from lmforge.errors import LmforgeError
-    from lmforge.train.trainer import pick_device
+    from lmforge.models.device import pick_device
 
     records, reward_fn, cfg = _sampling(args)
     eval_records = read_prompt_jsonl(args.eval_prompts) if args.eval_prompts else None
@@ -109,14 +107,16 @@ def iterative_dpo_cmd(args: argparse.Namespace) -> int:
             raise LmforgeError("--label-smoothing applies to --loss cdpo only")
         smoothing = args.label_smoothing
     # Explicit options go after the free-form overrides, so they win.
-    overrides = list(args.overrides) + [f"preference.loss_type={loss_type}", f"preference.label_smoothing={smoothing}"]
+    recipe, overrides = split_recipe(args)
+    overrides += [f"preference.loss_type={loss_type}", f"preference.label_smoothing={smoothing}"]
     for key, value in (("preference.beta", args.beta), ("preference.nll_weight", args.nll_weight),
                        ("optim.lr", args.lr), ("batch_size", args.batch_size)):
         if value is not None:
             overrides.append(f"{key}={value}")
     history = iterative_dpo(args.model, records, args.rounds, args.out, reward_fn=reward_fn,
                             reward_model=_load_reward_model(args, pick_device(args.device)), n=args.n, sampling=cfg,
-                            steps_per_round=args.steps_per_round, overrides=overrides, eval_prompts=eval_records,
+                            steps_per_round=args.steps_per_round, recipe=recipe, overrides=overrides,
+                            eval_prompts=eval_records,
                             device=args.device)
     last = history[-1]
     print(f"{len(history)} round(s) done; final policy: {last.model}")

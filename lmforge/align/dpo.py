@@ -15,9 +15,10 @@ import torch
 
 from lmforge.align.losses import dpo_loss, sequence_logprobs, simpo_loss, with_chosen_nll
 from lmforge.align.preference_data import collate_pairs, encode_pair, read_preference_jsonl
-from lmforge.data.sft import SequenceTooLong
+from lmforge.data.sft import IGNORE_INDEX, SequenceTooLong
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.train.recipe import TrainConfig
+from lmforge.train.run import register_task
 from lmforge.train.trainer import Objective, Trainer
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
@@ -47,14 +48,14 @@ class PreferenceObjective(Objective):
     def units(self, batch) -> int:
         return batch["input_ids"].shape[0] // 2
 
-    def policy_logps(self, trainer: Trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = trainer.forward(batch)
+    def policy_logps(self, logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probabilities of the chosen and the rejected completions (rows [:B] and [B:])."""
         logps = sequence_logprobs(logits, batch["labels"].to(logits.device), average=self.average)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
-    def loss(self, trainer: Trainer, batch) -> torch.Tensor:
-        chosen, rejected = self.policy_logps(trainer, batch)
+    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        chosen, rejected = self.policy_logps(logits, batch)
         if self.loss_type == "simpo":
             losses = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
         else:
@@ -132,7 +133,7 @@ def preference_accuracy(trainer: Trainer, dataset: PreferenceDataset, objective:
     for start in range(0, len(dataset), batch_size):
         items = dataset.items[start:start + batch_size]
         batch = objective.collate(items, trainer.data.pad_id)
-        chosen, rejected = objective.policy_logps(trainer, batch)
+        chosen, rejected = objective.policy_logps(trainer.forward(batch), batch)
         diff = chosen - rejected
         if "ref_logps" in batch:
             diff = diff - (batch["ref_logps"][:, 0] - batch["ref_logps"][:, 1]).to(diff.device)
@@ -140,3 +141,27 @@ def preference_accuracy(trainer: Trainer, dataset: PreferenceDataset, objective:
         margin += float(diff.sum()) * objective.beta
         n += len(items)
     return {"accuracy": wins / n, "margin": margin / n}
+
+
+# ---- the ``dpo`` recipe task ---------------------------------------------------------------------------
+def preference_data(cfg: TrainConfig, tokenizer, procs) -> tuple[PreferenceDataset, PreferenceDataset | None, str]:
+    """Train and held-out pairs of a recipe (``data.val``, or ``data.val_fraction`` of the training pairs)."""
+    train = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.seq_len)
+    if cfg.data.val:
+        val = PreferenceDataset(cfg.data.val, tokenizer, cfg.data.seq_len)
+    else:
+        val = train.split_off(int(len(train) * cfg.data.val_fraction))
+    dropped = f" ({train.dropped} dropped: too long)" if train.dropped else ""
+    return train, val, f"{len(train):,} preference pairs{dropped}"
+
+
+def dpo_trainer(cfg: TrainConfig, model, data, tokenizer=None, lora=None, teacher=None) -> Trainer:
+    p = cfg.preference
+    objective = PreferenceObjective(p.beta, p.loss_type, p.label_smoothing, p.simpo_gamma, p.nll_weight)
+    trainer = Trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, objective=objective)
+    if p.loss_type != "simpo":  # SimPO is reference-free
+        cache_reference_logps(trainer, [data.train, data.val], objective, batch_size=cfg.batch_size)
+    return trainer
+
+
+register_task("dpo", preference_data, dpo_trainer)

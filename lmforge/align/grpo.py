@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from lmforge.align.losses import grpo_loss, group_advantages, token_logprobs
+from lmforge.align.losses import group_advantages, grpo_loss, token_logprobs
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
+from lmforge.data.sft import IGNORE_INDEX
 from lmforge.errors import ConfigError
-from lmforge.train.objectives import IGNORE_INDEX
 
 
 @dataclass
@@ -40,13 +40,11 @@ class GRPOConfig(RLConfig):
     scale_advantages: bool = True  # False: Dr. GRPO (centre only)
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch"):
+        for name in ("prompts_per_step", "group_size", "updates_per_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"GRPO field '{name}' must be positive, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ConfigError("GRPO field 'group_size' must be >= 2: advantages compare samples within a group")
-        if self.temperature <= 0:
-            raise ConfigError("GRPO field 'temperature' must be > 0: groups need diverse samples")
         rows = self.prompts_per_step * self.group_size
         if self.mini_batch_size is not None and (self.mini_batch_size <= 0 or rows % self.mini_batch_size):
             raise ConfigError(f"GRPO field 'mini_batch_size' ({self.mini_batch_size}) must be positive and divide "
@@ -67,12 +65,6 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         mask[i, :n] = 1
         labels[i, len(p) - 1:n] = torch.tensor(r[len(p):])
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch["attention_mask"]
-    logits = model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask)
-    return token_logprobs(logits, batch["labels"])
 
 
 class GRPOTrainer(OnPolicyTrainer):
@@ -103,18 +95,19 @@ class GRPOTrainer(OnPolicyTrainer):
         adv = group_advantages(filled, scale=cfg.scale_advantages) * valid
         batch = self.to_device(_sequences(prompts, completions, self.pad_id))
         # The sampling policy's and the reference's log-probs, fixed for all updates on this batch.
-        batch["old_logps"] = _logprobs(self.model, batch)
+        batch["old_logps"] = token_logprobs(self.harness.forward(batch, self.model), batch["labels"])
         if self.reference is not None:
-            batch["ref_logps"] = _logprobs(self.reference, batch)
+            batch["ref_logps"] = token_logprobs(self.harness.forward(batch, self.reference), batch["labels"])
         new_tokens = sum(len(c) for c in completions)
         stats = {"reward": float(r[valid].mean()) if valid.any() else math.nan,
                  "solved_groups": float((r.nan_to_num(0).amax(1) > 0).float().mean()),
                  "completion_len": new_tokens / len(completions), "rollout_tok_s": new_tokens / max(rollout_s, 1e-9)}
         return Rollout(batch, adv.flatten().to(self.device), stats)
 
-    def loss(self, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def objective(self, logits: torch.Tensor, minibatch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
-        logps = _logprobs(self.wrapped, minibatch)
+        logps = token_logprobs(logits, minibatch["labels"])
         mask = minibatch["labels"] != IGNORE_INDEX
         loss, clip_frac, kl = grpo_loss(logps, minibatch["old_logps"], minibatch.get("ref_logps"),
                                         minibatch["advantages"], mask, cfg.clip_eps, cfg.beta)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lmforge.align.rejection import (PromptResult, RejectionConfig, RewardFn, best_of_n, read_prompt_jsonl)
+from lmforge.align.rejection import PromptResult, RejectionConfig, RewardFn, best_of_n
 from lmforge.align.reward_model import RewardModel
+from lmforge.data.chat import read_prompt_jsonl
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_directory, atomic_file
@@ -118,19 +119,18 @@ class RoundStats:
 
 
 def _dpo_config(policy: Path, pairs: Path, run_dir: Path, steps: int, n_pairs: int, seed: int, device: str,
-                overrides: Sequence[str]):
+                recipe: str | Path | None, overrides: Sequence[str]):
     from lmforge.models.checkpoint import read_config
     from lmforge.train.recipe import load_recipe
 
     # Generation already had to fit the context, so the whole context is a safe default length.
     seq_len = min(read_config(policy).max_position_embeddings, 2048)
-    defaults = {"task": "dpo", "out_dir": str(run_dir), "model": {"path": str(policy)},
-                "data": {"train": [str(pairs)], "val_fraction": 0.0, "seq_len": seq_len},
-                "max_steps": steps, "optim": {"warmup_steps": 0}, "seed": seed, "device": device,
-                "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "plot": False, "progress": False}
-    cfg = load_recipe(None, list(overrides), defaults=defaults)
-    if cfg.task != "dpo":
-        raise LmforgeError(f"iterative DPO trains with task=dpo, not {cfg.task!r}")
+    defaults = {"data": {"val_fraction": 0.0, "seq_len": seq_len}, "max_steps": steps, "optim": {"warmup_steps": 0},
+                "seed": seed, "device": device, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1,
+                "plot": False, "progress": False}
+    # What makes it this round's run, whatever the recipe says:
+    rounds = {"task": "dpo", "out_dir": str(run_dir), "model.path": str(policy), "data.train": [str(pairs)]}
+    cfg = load_recipe(recipe, list(overrides), defaults=defaults, values=rounds)
     # A round may make fewer pairs than a batch; the engine needs at least one full batch.
     n_train = n_pairs if cfg.data.val else n_pairs - int(n_pairs * cfg.data.val_fraction)
     cfg.batch_size = max(1, min(cfg.batch_size, n_train))
@@ -139,21 +139,23 @@ def _dpo_config(policy: Path, pairs: Path, run_dir: Path, steps: int, n_pairs: i
 
 def iterative_dpo(model_dir: str | Path, prompts: Sequence[dict] | str | Path, rounds: int, out_dir: str | Path, *,
                   reward_fn: RewardFn | None = None, reward_model: RewardModel | None = None, n: int = 8,
-                  sampling: RejectionConfig | None = None, steps_per_round: int = 20, overrides: Sequence[str] = (),
+                  sampling: RejectionConfig | None = None, steps_per_round: int = 20,
+                  recipe: str | Path | None = None, overrides: Sequence[str] = (),
                   eval_prompts: Sequence[dict] | None = None, device: str = "auto",
                   log: Callable[[str], None] = print) -> list[RoundStats]:
     """Run ``rounds`` rounds of sample -> label -> DPO from ``model_dir``; return each round's stats.
 
-    ``prompts`` are records ``{"messages", "answer"?}`` or a JSONL file of them. ``overrides`` are recipe
-    ``key=value`` strings for the DPO runs (``preference.loss_type=ipo``, ``optim.lr=1e-6``,
-    ``batch_size=4``, ...). ``eval_prompts``: also report the mean reward on them before and after each round.
+    ``prompts`` are records ``{"messages", "answer"?}`` or a JSONL file of them. ``recipe`` (a YAML file) and
+    ``overrides`` (``key=value`` strings) configure the DPO runs (``preference.loss_type=ipo``,
+    ``optim.lr=1e-6``, ``batch_size=4``, ...); each round sets its own model, data and directory.
+    ``eval_prompts``: also report the mean reward on them before and after each round.
     A round without a single usable pair ends the run early (there is nothing to train on).
     """
     from lmforge.align.dpo import preference_accuracy
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
+    from lmforge.models.device import pick_device
     from lmforge.train.run import build_trainer
-    from lmforge.train.trainer import pick_device
 
     if rounds <= 0 or steps_per_round <= 0:
         raise LmforgeError(f"iterative DPO needs rounds > 0 and steps per round > 0, "
@@ -166,7 +168,7 @@ def iterative_dpo(model_dir: str | Path, prompts: Sequence[dict] | str | Path, r
     eval_cfg = dataclasses.replace(sampling, n=n, seed=sampling.seed + 99_991)
     out, policy = Path(out_dir), Path(model_dir)
     # Check the recipe overrides now, not after the first round's sampling.
-    _dpo_config(policy, out / "pairs.jsonl", out, steps_per_round, 1, 0, device, overrides)
+    _dpo_config(policy, out / "pairs.jsonl", out, steps_per_round, 1, 0, device, recipe, overrides)
     tokenizer = load_tokenizer(policy)
     torch_device = pick_device(device)
 
@@ -201,7 +203,7 @@ def iterative_dpo(model_dir: str | Path, prompts: Sequence[dict] | str | Path, r
             log(f"round {r}: nothing to train on; stopping with {policy} as the final policy")
             break
         cfg = _dpo_config(policy, rdir / "pairs.jsonl", rdir / "train", steps_per_round, pairs.pairs,
-                          seed=sampling.seed + r, device=device, overrides=overrides)
+                          seed=sampling.seed + r, device=device, recipe=recipe, overrides=overrides)
         trainer = build_trainer(cfg)  # caches the round r-1 policy's log-probs: the reference
         result = trainer.fit()
         if trainer.data.val is not None:

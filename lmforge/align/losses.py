@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.data.sft import IGNORE_INDEX
 
 DPOLossType = Literal["sigmoid", "ipo"]
 KLKind = Literal["k1", "k2", "k3"]

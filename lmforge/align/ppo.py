@@ -41,9 +41,9 @@ from lmforge.align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, 
 from lmforge.align.reward_model import RewardModel
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
+from lmforge.data.sft import IGNORE_INDEX
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models.model import Transformer
-from lmforge.train.objectives import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.policy(input_ids, attention_mask, return_hidden=True)
-        logits = self.policy.lm_head(hidden)
-        cap = self.policy.config.final_logit_softcap
-        if cap is not None:  # as Transformer.forward does after its lm_head
-            logits = torch.tanh(logits / cap) * cap
-        return logits, self.value_head(hidden.float()).squeeze(-1)  # values in float32 whatever the model dtype
+        return self.policy.unembed(hidden), self.value_head(hidden.float()).squeeze(-1)  # values in float32 whatever the model dtype
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -188,15 +184,14 @@ class PPOTrainer(OnPolicyTrainer):
         batch = _sequences(prompts, completions, self.pad_id)
         batch["labels"][~valid] = IGNORE_INDEX  # a skipped sample is no training data at all: no token of it counts
         batch = self.to_device(batch)
-        labels, attn = batch["labels"], batch["attention_mask"]
+        labels = batch["labels"]
         mask = labels != IGNORE_INDEX
-        mask_arg = None if bool(attn.all()) else attn
         self.module.eval()
-        logits, values = self.module(batch["input_ids"], mask_arg)
+        logits, values = self.harness.forward(batch, self.module)
         logps = token_logprobs(logits, labels)
         del logits
         if self.reference is not None:
-            ref_logps = token_logprobs(self.reference(batch["input_ids"], attention_mask=mask_arg), labels)
+            ref_logps = token_logprobs(self.harness.forward(batch, self.reference), labels)
         else:
             ref_logps = logps
         kl = torch.where(mask, kl_penalty(logps, ref_logps, "k1"), torch.zeros_like(logps))
@@ -220,13 +215,10 @@ class PPOTrainer(OnPolicyTrainer):
                  "rollout_tok_s": new_tokens / max(rollout_s, 1e-9)}
         return Rollout(batch, advantages, stats)
 
-    def loss(self, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def objective(self, outputs: tuple[torch.Tensor, torch.Tensor], mb: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
-        # Drop the minibatch's all-padding tail columns (rows are right-padded): less work, same result.
-        width = int(minibatch["attention_mask"].sum(-1).max())
-        mb = {k: v[:, :width] if v.dim() == 2 else v for k, v in minibatch.items()}
-        attn = mb["attention_mask"]
-        logits, values = self.wrapped(mb["input_ids"], None if bool(attn.all()) else attn)
+        logits, values = outputs
         logps = token_logprobs(logits, mb["labels"])
         mask = mb["labels"] != IGNORE_INDEX
         policy_loss, clip_frac, approx_kl = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask,

@@ -19,10 +19,10 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from lmforge.data.sft import ROLES, SequenceTooLong
+from lmforge.data.chat import validate_messages
+from lmforge.data.sft import IGNORE_INDEX, SequenceTooLong
 from lmforge.errors import LmforgeError
 from lmforge.io import iter_jsonl
-from lmforge.train.objectives import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
 Text = Union[str, Messages]
@@ -52,24 +52,7 @@ def _check_field(value: Any, field: str, where: str) -> Text:
         return value
     if not isinstance(value, list):
         raise LmforgeError(f"{where}: '{field}' must be a string or a list of messages, got {type(value).__name__}")
-    if not value:
-        raise LmforgeError(f"{where}: '{field}' is an empty message list")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise LmforgeError(f"{where}: '{field}' message {i} must be an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise LmforgeError(f"{where}: '{field}' message {i} has role {m.get('role')!r}; "
-                               f"expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise LmforgeError(f"{where}: '{field}' message {i} ({m['role']}) needs string 'content', "
-                               f"got {type(m.get('content')).__name__}")
-    if field != "prompt":
-        last = value[-1]
-        if last["role"] != "assistant":
-            raise LmforgeError(f"{where}: '{field}' must end with an assistant message, not {last['role']!r}")
-        if not last["content"].strip():
-            raise LmforgeError(f"{where}: '{field}' has an empty assistant message")
-    return value
+    return validate_messages(value, where, field=field, ends=None if field == "prompt" else "answer")
 
 
 def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:

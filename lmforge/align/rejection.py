@@ -17,11 +17,11 @@ import torch
 
 from lmforge.align.reward_model import RewardModel
 from lmforge.align.rewards import safe_reward
-from lmforge.data.sft import validate_messages
+from lmforge.data.chat import prompt_messages, validate_messages
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.io import iter_jsonl
-from lmforge.models.generate import generate, left_pad
+from lmforge.engine.complete import complete
+from lmforge.engine.sequence import SamplingParams
 from lmforge.models.model import Transformer
 
 RewardFn = Callable[[str, str], float]
@@ -36,7 +36,7 @@ class RejectionConfig:
     top_k: int | None = None
     top_p: float | None = None
     threshold: float | None = None  # drop prompts whose best score is below this
-    prompts_per_batch: int = 8  # prompts per generate call (each gives n rows)
+    prompts_per_batch: int = 8  # prompts sampled at once (each gives n sequences)
     seed: int = 0
 
     def validate(self) -> None:
@@ -73,44 +73,21 @@ class RejectionStats:
     results: list[PromptResult] = field(default_factory=list, repr=False)
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_id is not None:
-        return tokenizer.pad_id
-    if tokenizer.eos_ids:
-        return tokenizer.eos_ids[0]
-    raise LmforgeError("the tokenizer has neither a pad nor an EOS token; cannot batch prompts")
-
-
-@torch.no_grad()
 def sample_completions(model: Transformer, tokenizer, prompts: Sequence[Messages], cfg: RejectionConfig) -> list[list[str]]:
-    """``cfg.n`` sampled answers (decoded, cut at EOS) for each chat prompt."""
+    """``cfg.n`` sampled answers (decoded, cut at EOS) for each chat prompt, through the engine: the n samples
+    of a prompt share its KV blocks."""
     cfg.validate()
-    pad_id, eos = _pad_id(tokenizer), tokenizer.eos_ids
-    was_training = model.training
-    model.eval()
-    out: list[list[str]] = []
-    try:
-        for chunk_no, start in enumerate(range(0, len(prompts), cfg.prompts_per_batch)):
-            chunk = prompts[start:start + cfg.prompts_per_batch]
-            encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in chunk]
-            ids, mask = left_pad([e for e in encoded for _ in range(cfg.n)], pad_id)
-            # A seed per chunk: reproducible, yet different chunks draw different samples.
-            tokens = generate(model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos, seed=cfg.seed * 1_000_003 + chunk_no)
-            texts = []
-            for row in tokens.tolist():
-                cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                texts.append(tokenizer.decode(row[:cut]))
-            out += [texts[i * cfg.n:(i + 1) * cfg.n] for i in range(len(chunk))]
-    finally:
-        model.train(was_training)
-    return out
+    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in prompts]
+    params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=cfg.top_p or 1.0,
+                            max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    outs = complete(model, encoded, params, tokenizer, max_num_seqs=cfg.prompts_per_batch * cfg.n)
+    return [[c.text for c in samples] for samples in outs]
 
 
 def reward_model_scores(rm: RewardModel, tokenizer, messages: Messages, completions: Sequence[str],
                         batch_size: int = 16) -> list[float]:
     """Rewards of ``completions`` as assistant answers to ``messages``."""
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer.pad_id_or_eos
     rows = []
     for c in completions:
         ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": c}])
@@ -128,42 +105,6 @@ def reward_model_scores(rm: RewardModel, tokenizer, messages: Messages, completi
             mask[i, :len(r)] = 1
         scores += rm.score(ids, mask).tolist()
     return scores
-
-
-def prompt_messages(record: object, where: str) -> Messages:
-    """The chat prompt of a record ``{"messages": [...], "answer"?: ...}``, validated; errors name ``where``."""
-    if not isinstance(record, dict) or "messages" not in record:
-        raise LmforgeError(f"{where}: needs a 'messages' list")
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        raise LmforgeError(f"{where}: 'messages' must be a non-empty list of chat messages")
-    if messages[-1].get("role") == "assistant":
-        raise LmforgeError(f"{where}: 'messages' must not end with an assistant turn "
-                           "(the answer is what gets sampled)")
-    # validate_messages wants an assistant turn (it checks SFT data); check the prompt with a placeholder.
-    validate_messages(messages + [{"role": "assistant", "content": ""}], where)
-    return messages
-
-
-def read_prompt_jsonl(path: str | Path, needs_answer: bool = False) -> list[dict]:
-    """Prompt records from JSONL: ``messages`` (a final assistant turn, e.g. an SFT answer, is dropped)
-    and a reference ``answer`` (required with ``needs_answer``: a verifiable reward compares against it).
-    A bad record raises LmforgeError naming ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"prompt file {path} does not exist")
-    records = []
-    for where, rec in iter_jsonl(path):
-        if needs_answer and not (isinstance(rec, dict) and "messages" in rec and "answer" in rec):
-            raise LmforgeError(f"{where}: needs 'messages' and 'answer'")
-        msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-            rec = {**rec, "messages": msgs[:-1]}
-        messages = prompt_messages(rec, where)
-        records.append({"messages": messages, **({"answer": str(rec["answer"])} if "answer" in rec else {})})
-    if not records:
-        raise LmforgeError(f"prompt file {path} holds no records")
-    return records
 
 
 def score_completions(tokenizer, record: dict, messages: Messages, completions: Sequence[str],
@@ -224,7 +165,7 @@ def sft_records(stats: RejectionStats) -> list[dict]:
     for r in stats.results:
         if r.kept and r.best is not None:
             messages = list(r.messages) + [{"role": "assistant", "content": r.completions[r.best]}]
-            out.append({"messages": validate_messages(messages, "rejection sample")})
+            out.append({"messages": validate_messages(messages, "rejection sample", needs_assistant=True)})
     return out
 
 
@@ -242,5 +183,5 @@ def rejection_sample(model: Transformer, tokenizer, records: Sequence[dict], out
     return stats
 
 
-__all__ = ["PromptResult", "RejectionConfig", "RejectionStats", "best_of_n", "prompt_messages", "read_prompt_jsonl",
+__all__ = ["PromptResult", "RejectionConfig", "RejectionStats", "best_of_n",
            "reward_model_scores", "rejection_sample", "sample_completions", "score_completions", "sft_records"]

@@ -18,12 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.align.dpo import preference_data
 from lmforge.align.losses import bradley_terry_loss
 from lmforge.align.preference_data import collate_pairs
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_directory
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
+from lmforge.train.recipe import TrainConfig
+from lmforge.train.run import register_task
 from lmforge.train.trainer import Objective, Trainer
 
 HEAD_FILE = "reward_head.safetensors"
@@ -115,16 +118,12 @@ class RewardObjective(Objective):
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
-    def rewards(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = trainer.forward(batch)  # the wrapped RewardModel returns [2B]
+    def loss(self, rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``rewards``: what the RewardModel returned for the batch, ``[2B]`` (chosen rows first)."""
         if rewards.dim() != 1:
             raise LmforgeError(f"RewardObjective needs a RewardModel (rewards [B]); the model returned "
                                f"shape {tuple(rewards.shape)}")
-        half = rewards.shape[0] // 2
-        return rewards[:half], rewards[half:]
-
-    def loss(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        chosen, rejected = self.rewards(trainer, batch)
+        chosen, rejected = rewards.chunk(2)
         mean_loss, _ = bradley_terry_loss(chosen, rejected)
         return mean_loss * chosen.shape[0]  # a sum over pairs, as Objective.loss requires
 
@@ -185,6 +184,17 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     with torch.no_grad():
         rm.head.weight.copy_(weight.to(dtype=rm.head.weight.dtype))
     return rm.eval()
+
+
+# ---- the ``rm`` recipe task ------------------------------------------------------------------------------
+def reward_model_trainer(cfg: TrainConfig, model: Transformer, data, tokenizer=None, lora=None,
+                         teacher=None) -> Trainer:
+    if lora is not None:
+        raise ConfigError("recipe field 'lora.enabled': reward models train all weights for now")
+    return Trainer(cfg, RewardModel(model, seed=cfg.seed), data, tokenizer=tokenizer, objective=RewardObjective())
+
+
+register_task("rm", preference_data, reward_model_trainer)
 
 
 __all__ = ["RewardModel", "RewardObjective", "load_reward_model", "pairwise_accuracy", "save_reward_model"]

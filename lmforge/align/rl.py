@@ -4,11 +4,12 @@ A strategy subclasses ``OnPolicyTrainer`` and supplies two methods:
 
 * ``rollout(step) -> Rollout``: sample completions for this rank's prompts of ``step``, score them and
   return row-aligned tensors for the loss (no gradient), the advantages, and stats to log;
-* ``loss(minibatch) -> (loss, stats)``: the differentiable objective on some rows of that rollout.
+* ``objective(outputs, minibatch) -> (loss, stats)``: the differentiable objective on some rows of that
+  rollout, a pure function of what the trained module returned for them (the loop runs the forward).
 
-The loop owns the rest, built from the training engine's parts: AdamW + warmup schedule
-(``lr_multiplier``), gradient clipping, the EMA reference model, a progress bar, ``metrics.jsonl``
-(``MetricsLog``) and ``loss.png`` (``plot_metrics``), and atomic checkpoints (``train.checkpoint``):
+The loop owns the rest: the minibatch updates and the EMA reference model here, and from the training
+harness (``train.harness``, shared with ``Trainer``) the device and processes, AdamW + warmup schedule,
+clipping, a progress bar, ``metrics.jsonl``, ``loss.png`` and atomic checkpoints (``train.checkpoint``):
 
   model/                  the policy, HF format (loadable by itself)
   trainable.safetensors   what the HF directory cannot hold: value head, EMA reference (when present)
@@ -25,7 +26,6 @@ the ranks' means), stats are averaged over ranks (throughputs summed), and rank 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -39,18 +39,19 @@ from torch import nn
 
 from lmforge.align.rewards import RewardFn, safe_reward
 from lmforge.data.sampler import StepSampler
+from lmforge.data.sft import IGNORE_INDEX
+from lmforge.engine.complete import complete
+from lmforge.engine.sequence import SamplingParams
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.models.generate import generate, left_pad
 from lmforge.models.model import Transformer
-from lmforge.train import checkpoint as ckpt
-from lmforge.train.objectives import IGNORE_INDEX
-from lmforge.train.trainer import (MetricsLog, lr_multiplier, pick_device, plot_metrics, read_metrics,
-                                   setup_distributed)
+from lmforge.train.harness import Harness
+from lmforge.train.recipe import RunSpec
 
 
 @dataclass
-class RLConfig:
-    """Fields every on-policy strategy shares; GRPOConfig and PPOConfig add their own."""
+class RLConfig(RunSpec):
+    """Fields every on-policy strategy shares (with RunSpec's: seed, device, checkpoints, metrics);
+    GRPOConfig and PPOConfig add their own."""
 
     steps: int = 40
     max_new_tokens: int = 16
@@ -60,15 +61,10 @@ class RLConfig:
     warmup_steps: int = 0  # optimizer steps; then constant: the reward, not a schedule, says when to stop
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 50  # checkpoint every N steps, and always at the end
-    keep_checkpoints: int = 2
-    device: str = "auto"  # "auto": cuda:LOCAL_RANK when there is a GPU, else cpu
-    progress: bool = True
 
     def validate(self) -> None:
         kind = type(self).__name__.removesuffix("Config")
-        for name in ("steps", "max_new_tokens", "keep_checkpoints"):
+        for name in ("steps", "max_new_tokens", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{kind} field '{name}' must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "weight_decay", "grad_clip"):
@@ -102,7 +98,7 @@ def cut_at_eos(row: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
 
 
 class OnPolicyTrainer:
-    """The loop; see the module docstring. Subclasses set ``name`` and implement ``rollout`` and ``loss``.
+    """The loop; see the module docstring. Subclasses set ``name`` and implement ``rollout`` and ``objective``.
 
     ``module`` is what is trained (default ``model``; PPO passes the policy with its value head), and
     ``extra_modules`` are parts of it that the policy's HF directory does not hold, saved in checkpoints.
@@ -127,9 +123,8 @@ class OnPolicyTrainer:
             if not isinstance(p, dict) or any(k not in p for k in need):
                 raise LmforgeError(f"prompt record {i} needs {' and '.join(repr(k) for k in need)}")
         self.cfg, self.tokenizer, self.prompts = cfg, tokenizer, prompts
-        self.out_dir = Path(out_dir)
-        self.device = pick_device(cfg.device)
-        self.dist = setup_distributed(self.device)
+        self.harness = Harness(out_dir, cfg, self.name)
+        self.out_dir, self.device, self.dist = self.harness.run_dir, self.harness.device, self.harness.dist
         world = self.dist.world
         for what, n in (("prompts per step", prompts_per_step), ("minibatch size", minibatch)):
             if n is not None and n % world:
@@ -139,22 +134,18 @@ class OnPolicyTrainer:
         self.extra_modules = extra_modules or {}
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
         self.ref_ema = ref_ema or None
-        self.wrapped = self._wrap(self.module)
         self.epochs = epochs
         self.minibatch = None if minibatch is None else minibatch // world
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            raise LmforgeError("nothing to train: every parameter of the model is frozen")
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        # Linear warmup over ``warmup_steps`` optimizer steps, then constant (min ratio 1: no decay).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, 1, 1.0))
+        # Linear warmup over ``warmup_steps`` optimizer steps, then constant (the default min_lr_ratio 1).
+        self.wrapped = self.harness.prepare(self.module, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                                            warmup=cfg.warmup_steps)
+        self.optimizer, self.scheduler = self.harness.optimizer, self.harness.scheduler
         self.prompts_per_rank = prompts_per_step // world
         # Rank r takes its slice of the same global batch one process would take: runs stay comparable.
         self.sampler = StepSampler(len(prompts), self.prompts_per_rank, seed=cfg.seed, rank=self.dist.rank,
                                    world_size=world, drop_last=False)
         self.encoded = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True) for p in prompts]
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
+        self.pad_id = tokenizer.pad_id_or_eos
         self.step = 0
         self.skipped = 0  # samples whose reward could not be computed, on this rank
 
@@ -162,10 +153,18 @@ class OnPolicyTrainer:
     def rollout(self, step: int) -> Rollout:
         raise NotImplementedError
 
-    def loss(self, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``minibatch``: rows of ``Rollout.batch`` plus their ``advantages``. Returns the loss to minimise
-        (a mean over the minibatch; DDP averages it over ranks) and detached stats to log."""
+    def objective(self, outputs: Any, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``outputs``: what the trained module returned for ``minibatch`` (rows of ``Rollout.batch`` plus their
+        ``advantages``). Returns the loss to minimise (a mean over the minibatch; DDP averages it over ranks)
+        and detached stats to log."""
         raise NotImplementedError
+
+    def loss(self, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The forward of the trained module on ``minibatch``, then ``objective``. The minibatch's all-padding
+        tail columns (rows are right-padded) are dropped first: less work, the same result."""
+        width = int(minibatch["attention_mask"].sum(-1).max())
+        mb = {k: v[:, :width] if v.dim() == 2 else v for k, v in minibatch.items()}
+        return self.objective(self.harness.forward(mb), mb)
 
     # -- helpers for rollouts --
     def prompts_of(self, step: int, repeat: int = 1) -> tuple[list[int], list[list[int]], list[str | None]]:
@@ -177,17 +176,17 @@ class OnPolicyTrainer:
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], step: int) -> tuple[list[list[int]], list[bool], float]:
-        """Completions (cut after EOS), whether each ended with EOS, and the seconds sampling took."""
+        """Completions (cut after EOS), whether each ended with EOS, and the seconds sampling took. Through the
+        engine: a prompt repeated for a group is prefilled once and its KV blocks shared."""
         cfg = self.cfg
-        ids, mask = left_pad(prompts, self.pad_id)
-        self.model.eval()
         t0 = time.perf_counter()
         # Seeded by (seed, step, rank): resume replays the same samples, and ranks draw different ones.
-        seed = (cfg.seed * 100_003 + step) * self.dist.world + self.dist.rank
-        out = generate(self.model, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, eos_ids=self.tokenizer.eos_ids, seed=seed)
+        seed = ((cfg.seed * 100_003 + step) * self.dist.world + self.dist.rank) * 1_000_003
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p or 1.0, max_tokens=cfg.max_new_tokens,
+                                seed=seed)
+        outs = complete(self.model, prompts, params, self.tokenizer)
         seconds = time.perf_counter() - t0
-        cut = [cut_at_eos(row, self.tokenizer.eos_ids) for row in out.tolist()]
+        cut = [cut_at_eos(samples[0].token_ids, self.tokenizer.eos_ids) for samples in outs]
         return [c for c, _ in cut], [ended for _, ended in cut], seconds
 
     def rewards_from_fn(self, fn: RewardFn, completions: list[list[int]], answers: list[str | None],
@@ -209,13 +208,6 @@ class OnPolicyTrainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- the update --
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if self.dist.world == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
     def _minibatches(self, rows: int, step: int) -> Iterator[torch.Tensor | slice]:
         if self.minibatch is None or self.minibatch >= rows:
             for _ in range(self.epochs):
@@ -242,15 +234,7 @@ class OnPolicyTrainer:
             mb["advantages"] = rollout.advantages[idx]
             loss, stats = self.loss(mb)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
-                                                  self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(norm):  # the same on every rank: gradients are all-reduced by now
-                raise LmforgeError(f"{self.name} step {step + 1}: the loss or its gradient is not finite "
-                                   f"(loss {float(loss.detach()):.4g}); stopping before the update corrupts the weights")
-            stats["grad_norm"] = norm
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"] = self.harness.optimizer_step(self.cfg.grad_clip, f"{self.name} step {step + 1}")
             tokens += int(mb["attention_mask"].sum())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -292,37 +276,26 @@ class OnPolicyTrainer:
         """Checkpoint the run at ``self.step`` (atomically; rank 0 writes, every rank must call)."""
         from lmforge.models.checkpoint import save_model
 
-        skipped = int(self.dist.sum(self.skipped, self.device))
-        path = ckpt.step_dir(self.out_dir, self.step)
-        if self.dist.main:
-            optimizer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                               "rng": ckpt.rng_state()}
-            state = {"trainer": self.name, "step": self.step, "skipped_rewards": skipped,
-                     "world_size": self.dist.world, "config": asdict(self.cfg)}
-
-            def write_model(tmp: Path) -> None:
-                save_model(self.model, tmp / "model", tokenizer=self.tokenizer)
-
-            ckpt.write_checkpoint(self.out_dir, self.step, write_model=write_model,
-                                  trainable=self._extra_state() or None, optimizer_state=optimizer_state, state=state,
-                                  keep=self.cfg.keep_checkpoints)
-        self.dist.barrier()
-        return path
+        state = {"skipped_rewards": int(self.dist.sum(self.skipped, self.device)), "config": asdict(self.cfg)}
+        return self.harness.save(self.step, lambda tmp: save_model(self.model, tmp / "model", tokenizer=self.tokenizer),
+                           self._extra_state() or None, state)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from ``path`` or the run's latest checkpoint; False when there is none. The trainer must
         be built as for the original run (same starting model: it is the frozen reference)."""
+        state = self.harness.resume(path, self._load_weights)
+        if state is None:
+            return False
+        self.step = int(state["step"])
+        # The count is global; rank 0 carries it so the sum over ranks stays right.
+        self.skipped = int(state.get("skipped_rewards", 0)) if self.dist.main else 0
+        return True
+
+    def _load_weights(self, path: Path, extra: dict[str, torch.Tensor] | None) -> None:
         from lmforge.models.checkpoint import load_model
 
-        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.out_dir)
-        if path is None:
-            return False
-        state, opt, extra = ckpt.read_checkpoint(path)
-        if state.get("trainer") != self.name:
-            raise CheckpointError(f"{path} is not a {self.name} checkpoint (written by {state.get('trainer')!r})")
-        modules = self._saved_modules()
+        modules, extra = self._saved_modules(), extra or {}
         want = {f"{name}.{k}" for name, m in modules.items() for k in m.state_dict()}
-        extra = extra or {}
         if set(extra) != set(want):
             missing, unexpected = sorted(set(want) - set(extra)), sorted(set(extra) - set(want))
             raise CheckpointError(f"{path} does not match this run's setup (missing {missing[:3]}, unexpected "
@@ -334,60 +307,25 @@ class OnPolicyTrainer:
             for name, module in modules.items():
                 for k, p in module.state_dict().items():
                     p.copy_(extra[f"{name}.{k}"])
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        ckpt.set_rng_state(opt["rng"])
-        self.step = int(state["step"])
-        # The count is global; rank 0 carries it so the sum over ranks stays right.
-        self.skipped = int(state.get("skipped_rewards", 0)) if self.dist.main else 0
-        if state.get("world_size", 1) != self.dist.world and self.dist.main:
-            print(f"note: {path} was written by {state['world_size']} processes, resuming with {self.dist.world}; "
-                  "the samples differ from an uninterrupted run")
-        return True
 
     # -- the run --
+    def train_step(self) -> dict[str, Any]:
+        """Rollout, update, reference step; the step's record (stats averaged over ranks)."""
+        step = self.step
+        rollout = self.rollout(step)
+        upd = self.update(rollout, step)
+        self.update_reference()
+        self.step = step + 1
+        return {"step": self.step, **self._reduce({**rollout.stats, **upd}),
+                "skipped_rewards": int(self.dist.sum(self.skipped, self.device)),
+                "lr": self.scheduler.get_last_lr()[0]}
+
     def fit(self, resume: bool | str | Path = False,
             on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Run to ``cfg.steps``; returns this call's per-step records (as written to metrics.jsonl)."""
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        if resume:
-            found = self.resume(None if resume is True else resume)
-            if not found and self.dist.main:
-                print(f"note: no checkpoint in {self.out_dir}; starting from scratch")
-        if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / f"{self.name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl", keep_until=self.step, enabled=self.dist.main)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
-                   disable=not (self.dist.main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0)
-        history, last_saved = [], None
-        while self.step < cfg.steps:
-            step = self.step
-            rollout = self.rollout(step)
-            upd = self.update(rollout, step)
-            self.update_reference()
-            self.step = step + 1
-            stats = self._reduce({**rollout.stats, **upd})
-            record = {"step": self.step, **{k: round(v, 6) for k, v in stats.items()},
-                      "skipped_rewards": int(self.dist.sum(self.skipped, self.device)),
-                      "lr": self.scheduler.get_last_lr()[0]}
-            metrics.write(record)
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record.get('reward', math.nan):.3f}", kl=f"{record.get('kl', math.nan):.4f}",
-                            rollout_tok_s=f"{record.get('rollout_tok_s', 0):.0f}",
-                            update_tok_s=f"{record.get('update_tok_s', 0):.0f}", refresh=False)
-            if on_step is not None:
-                on_step(self.step, record)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                last_saved = self.save()
-        bar.close()
-        if last_saved is None or last_saved != ckpt.step_dir(self.out_dir, self.step):
-            self.save()
-        if self.dist.main and any("loss" in r for r in read_metrics(self.out_dir / "metrics.jsonl")):
-            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+        history, _ = self.harness.run(self, self.cfg.steps, config=(f"{self.name}_config.json", asdict(self.cfg)),
+                                resume=resume, on_step=None if on_step is None else (lambda r: on_step(r["step"], r)),
+                                show=("reward", "kl", "rollout_tok_s", "update_tok_s"))
         return history
 
 

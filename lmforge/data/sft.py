@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
+from lmforge.data.chat import validate_messages
 from lmforge.errors import LmforgeError
 from lmforge.io import iter_jsonl
-from lmforge.train.objectives import IGNORE_INDEX
 
-ROLES = ("system", "user", "assistant", "tool")
+# The label of a position that carries no loss (prompt tokens, padding); PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
 # What to do with a conversation longer than max_len: cut it from the right, drop it (counted), or fail.
 Overflow = Literal["truncate", "drop", "error"]
 
 
 class SequenceTooLong(LmforgeError):
     """A conversation does not fit ``max_len`` and truncation was not allowed."""
-
-
-def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """``messages`` itself if it is a well-formed conversation, else LmforgeError prefixed with ``where``."""
-    if not isinstance(messages, list) or not messages:
-        raise LmforgeError(f"{where}: 'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise LmforgeError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise LmforgeError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise LmforgeError(f"{where}: message {i} ({m['role']}) needs string 'content', "
-                               f"got {type(m.get('content')).__name__}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise LmforgeError(f"{where}: no assistant message, so nothing to learn from")
-    return messages
 
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
@@ -49,7 +33,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     for where, record in iter_jsonl(path):
         if not isinstance(record, dict) or "messages" not in record:
             raise LmforgeError(f"{where}: record has no 'messages' field")
-        out.append(validate_messages(record["messages"], where))
+        out.append(validate_messages(record["messages"], where, needs_assistant=True))
     if not out:
         raise LmforgeError(f"{path} holds no conversations")
     return out

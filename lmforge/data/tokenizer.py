@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
@@ -27,12 +27,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
+from lmforge.data.chat import validate_messages
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.io import atomic_directory, atomic_file
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-VALID_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # ChatML. The generation block covers the assistant's content *and* its end marker, so the assistant
@@ -135,22 +135,10 @@ def _compile_template(template: str) -> jinja2.Template:
         raise LmforgeError(f"chat template does not compile: {e.message} (template line {e.lineno})") from None
 
 
-def _validate_messages(messages: Any) -> list[dict]:
-    """Check the records and return shallow copies without None values (as transformers drops them)."""
-    if not isinstance(messages, (list, tuple)):
-        raise LmforgeError(f"chat messages must be a list of dicts, got {type(messages).__name__}")
+def _template_messages(messages: Any) -> list[dict]:
+    """Validated records (chat.validate_messages) as shallow copies without None values (as transformers drops them)."""
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise LmforgeError(f"chat message {i} must be a dict, got {type(m).__name__}")
-        role = m.get("role")
-        if role not in VALID_ROLES:
-            raise LmforgeError(f"chat message {i} has invalid role {role!r}; expected one of {sorted(VALID_ROLES)}")
-        content = m.get("content")
-        # An assistant turn that only calls tools legitimately has no text.
-        if not isinstance(content, str) and not (role == "assistant" and content is None and m.get("tool_calls")):
-            what = "missing 'content'" if content is None else f"non-string 'content' ({type(content).__name__})"
-            raise LmforgeError(f"chat message {i} (role {role!r}) has {what}")
+    for m in validate_messages(messages, template=True):  # an assistant turn that only calls tools has no text
         msg = {k: v for k, v in m.items() if v is not None}
         # transformers exposes reasoning under both names templates read (Qwen: reasoning_content, gpt-oss: thinking).
         reasoning = next((msg[k] for k in _REASONING_FIELDS if k in msg), None)
@@ -265,6 +253,15 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
+    def pad_id_or_eos(self) -> int:
+        """The id to pad batches with: the pad token, else the first end-of-sequence id, else 0. Padding is
+        always masked out, so only its being a valid id matters."""
+        for i in (self.pad_id, *self.eos_ids):
+            if i is not None:
+                return i
+        return 0
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
@@ -303,7 +300,8 @@ class Tokenizer:
         return text
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
-        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+        return IncrementalDecoder(lambda ids: self.backend.decode(ids, skip_special_tokens=skip_special_tokens),
+                                  self._special_ids if skip_special_tokens else frozenset())
 
     # -- chat
     def render_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
@@ -312,7 +310,7 @@ class Tokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise LmforgeError("this tokenizer has no chat template (set chat_template in tokenizer_config.json)")
-        msgs = _validate_messages(messages)
+        msgs = _template_messages(messages)
         compiled = _compile_template(template)
         # Special-token strings come first so explicit kwargs can override them, as in transformers.
         variables = {**self.special_tokens, "tools": None, "documents": None, **template_kwargs,
@@ -461,21 +459,18 @@ class IncrementalDecoder:
     character is still to come.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
+    def __init__(self, decode: Callable[[list[int]], str], skipped_ids: frozenset[int] = frozenset()) -> None:
+        self._decode = decode  # ids -> text (any tokenizer's decode)
+        self._skipped = skipped_ids  # ids that decode to nothing (special tokens when they are skipped)
         self._ids: list[int] = []
         self._prefix = 0  # window start: the last token already emitted (context for the next one)
         self._read = 0  # everything before this index has been emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.backend.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
         token_id = int(token_id)
         # A skipped special token decodes to nothing, and keeping it out of the window stops it from
         # acting as the "first token" whose leading space a SentencePiece decoder strips.
-        if self._skip and token_id in self._tok._special_ids:
+        if token_id in self._skipped:
             return ""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix:self._read])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import command
+from lmforge.commands import DEVICE_FLAG, command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write the JSON results here")
     p.add_argument("--markdown", default=None, help="also write the Markdown table here")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=1234, help="bootstrap and sampling seed")
     p.add_argument("--bootstrap-iters", type=int, default=1000)

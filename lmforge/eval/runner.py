@@ -132,7 +132,7 @@ class Evaluator:
 
 # ---- many models, many tasks -------------------------------------------------------------------
 def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: int | None = None,
-             batch_size: int = 16, device: str = "cpu", dtype: str = "float32", bootstrap_iters: int = 1000,
+             batch_size: int = 16, device: str = "auto", dtype: str = "float32", bootstrap_iters: int = 1000,
              seed: int = 1234, log_samples: bool = False, progress: Any = None) -> dict[str, Any]:
     """Evaluate each model on each task; returns {"config", "results": {model: {task: metrics}}}."""
     import torch

@@ -145,34 +145,18 @@ def loglikelihood_rolling(model: Any, tokenizer: Any, docs: Sequence[str], batch
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
                    stop: Sequence[str] = (), batch_size: int = 16, temperature: float = 0.0,
                    seed: int | None = None) -> list[str]:
-    """Completions of ``prompts`` (left-padded batches), cut at EOS and at the first stop string."""
-    from lmforge.models.generate import generate, left_pad
+    """Completions of ``prompts`` through the engine (``batch_size`` sequences at once), cut at EOS and at the
+    first stop string."""
+    from lmforge.engine.complete import complete
+    from lmforge.engine.sequence import SamplingParams
 
     limit = model_max_length(model) - max_new_tokens
     if limit < 1:
         raise LmforgeError(f"max_new_tokens {max_new_tokens} leaves no room in the context "
                            f"({model_max_length(model)} tokens)")
     encoded = [tok_encode(tokenizer, p)[-limit:] for p in prompts]  # keep the end of an over-long prompt
-    eos = set(tokenizer.eos_ids)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    out: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = left_pad([encoded[i] for i in idx], pad)
-        new = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_ids=eos, seed=None if seed is None else seed + start)
-        for r, i in enumerate(idx):
-            toks = new[r].tolist()
-            cut = next((j for j, t in enumerate(toks) if t in eos), len(toks))
-            out[i] = cut_at_stop(tokenizer.decode(toks[:cut]), stop)
-    return out
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the earliest stop string."""
-    end = min((text.find(s) for s in stop if s and s in text), default=len(text))
-    return text[:end]
+    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop=[x for x in stop if x], seed=seed)
+    return [samples[0].text for samples in complete(model, encoded, params, tokenizer, max_num_seqs=batch_size)]
 
 
 # ---- metrics -----------------------------------------------------------------------------------

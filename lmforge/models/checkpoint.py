@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_directory, atomic_file
+from lmforge.models.device import pick_device
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
 
@@ -189,7 +190,9 @@ def _normalise_names(config: Config, names: set[str]) -> dict[str, str]:
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> Transformer:
-    """Load a local Hugging Face model directory (config.json + safetensors) into our Transformer."""
+    """Load a local Hugging Face model directory (config.json + safetensors) into our Transformer.
+    ``device``: a torch device or a name ``pick_device`` takes (``auto`` included)."""
+    device = pick_device(device)
     path = Path(path)
     config = read_config(path)
     source = _TensorSource(path)

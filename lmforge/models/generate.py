@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lmforge.models.model import Transformer
+from lmforge.models.sampling import sampling_probs
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -16,18 +17,7 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     """Pick next tokens from logits [B, V]: argmax when temperature == 0, else sample."""
     if temperature <= 0.0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+    probs = sampling_probs(logits, temperature, top_k or 0, 1.0 if top_p is None else top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -35,22 +25,12 @@ _COMPILED: "weakref.WeakKeyDictionary[Transformer, Callable]" = weakref.WeakKeyD
 COMPILE_BUCKET = 256  # compiled decoding rounds the cache length up to this, so few lengths get traced
 
 
-def compiled_decode_core(model: Transformer) -> Callable:
-    """``model._decode_core`` under ``torch.compile`` (Inductor, no CUDA graphs), built once per model."""
+def compiled_forward(model: Transformer) -> Callable:
+    """``model.forward`` under ``torch.compile`` (Inductor, no CUDA graphs) for ``decode_step``, built once per
+    model: the one-token step has fixed shapes, so it is traced once per cache size."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model._decode_core, dynamic=False)
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False)
     return _COMPILED[model]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Token-id lists -> ``(input_ids, attention_mask)`` [B, T], padded on the left as generation expects."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    return ids, mask
 
 
 @torch.inference_mode()
@@ -80,10 +60,10 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
     eos = torch.tensor(sorted(eos_ids or []), device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     cache_len = t + max_new_tokens
-    core = None
+    compiled = None
     if compile:
         cache_len = -(-cache_len // COMPILE_BUCKET) * COMPILE_BUCKET
-        core = compiled_decode_core(model)
+        compiled = compiled_forward(model)
     cache = model.new_cache(b, cache_len)
     logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
     for step in range(max_new_tokens):
@@ -94,7 +74,7 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
         yield token
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model.decode_step(token, cache, core)
+        logits = model.decode_step(token, cache, compiled)
 
 
 def generate(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

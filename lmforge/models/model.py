@@ -6,6 +6,7 @@ Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D hea
 from __future__ import annotations
 
 import math
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,97 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-# ---- KV cache ----------------------------------------------------------------------------------
+# ---- the KV interface -------------------------------------------------------------------------------
+class AttentionStep(Protocol):
+    """What one forward pass asks of its KV store: where the new tokens are and how each layer attends.
+
+    Three stores implement it: none (training and scoring: ``no_cache_step``), the static ``KVCache``
+    (``generate``) and the engine's paged pool (``lmforge.engine.model_runner.PagedStep``). A store's
+    ``begin(attention_mask)`` claims room for the call's tokens and returns the step (a ready step returns itself).
+    """
+
+    positions: Tensor  # [B, T] position of each new token (RoPE or learned embeddings)
+
+    def begin(self, attention_mask: Tensor) -> "AttentionStep": ...
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """Store this layer's new k/v [B, K, T, D] (after RoPE), then attention of q [B, H, T, D] over the
+        stored context: [B, H, T, D]."""
+
+
+def build_attention_mask(valid: Tensor, start: int, t: int, window: int | None) -> Tensor:
+    """Boolean mask [B, 1, T, S] (True = may attend) over slots 0..S-1, S = start + t."""
+    s = start + t
+    q = torch.arange(start, s, device=valid.device)[:, None]
+    k = torch.arange(s, device=valid.device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    mask = allowed[None] & valid[:, None, :s]
+    # A padding query would attend to nothing (NaN in softmax); let it see itself, its output is unused.
+    mask = mask | (q == k)[None]
+    return mask[:, None]
+
+
+class ContiguousStep:
+    """New tokens at slots [start, start + t) of rows whose slot validity is ``valid`` [B, >= start + t];
+    with ``cache`` their k/v are written there first and attention reads the cache, else it reads the call's own."""
+
+    def __init__(self, positions: Tensor, valid: Tensor, start: int, t: int, padded: bool,
+                 cache: "KVCache | None" = None) -> None:
+        self.positions, self.valid, self.start, self.t, self.padded, self.cache = positions, valid, start, t, padded, cache
+        self._masks: dict[int | None, Tensor | None] = {}
+
+    def mask_for(self, window: int | None) -> Tensor | None:
+        """None when plain causal attention is exact (lets SDPA take its fastest path)."""
+        if window is not None and self.start + self.t <= window:
+            window = None  # the window cannot bite yet
+        if window not in self._masks:
+            if not self.padded and window is None and (self.start == 0 or self.t == 1):
+                self._masks[window] = None
+            else:
+                self._masks[window] = build_attention_mask(self.valid, self.start, self.t, window)
+        return self._masks[window]
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        if self.cache is not None:
+            end = self.start + self.t
+            self.cache.keys[layer][:, :, self.start:end] = k
+            self.cache.values[layer][:, :, self.start:end] = v
+            k, v = self.cache.keys[layer][:, :, :end], self.cache.values[layer][:, :, :end]
+        mask = self.mask_for(attn.window)
+        return attn.attention(q, k, v, mask, causal=mask is None and self.start == 0 and self.t > 1)
+
+    def begin(self, attention_mask: Tensor) -> "ContiguousStep":
+        return self
+
+
+def no_cache_step(attention_mask: Tensor) -> ContiguousStep:
+    """Training / scoring: the whole sequence in one call; positions count real tokens (left padding)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return ContiguousStep(positions, attention_mask.bool(), 0, attention_mask.shape[1],
+                          not bool(attention_mask.all()))
+
+
+class SlotStep:
+    """One new token per row written at the tensor slot ``slot`` [1]; attention reads the whole buffer under
+    its validity mask. Every tensor has a fixed shape, so ``torch.compile`` traces it once per cache size."""
+
+    def __init__(self, cache: "KVCache", slot: Tensor, positions: Tensor, windows: set[int | None]) -> None:
+        self.cache, self.slot, self.positions = cache, slot, positions
+        arange = torch.arange(cache.max_len, device=slot.device)
+        self.masks = {w: (cache.valid if w is None else cache.valid & (arange > slot - w))[:, None, None, :]
+                      for w in windows}
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        self.cache.keys[layer].index_copy_(2, self.slot, k)
+        self.cache.values[layer].index_copy_(2, self.slot, v)
+        return attn.attention(q, self.cache.keys[layer], self.cache.values[layer], self.masks[attn.window])
+
+    def begin(self, attention_mask: Tensor) -> "SlotStep":
+        return self
+
+
 class KVCache:
     """Static, preallocated per-layer keys/values for incremental decoding (gpt-fast style).
 
@@ -123,6 +214,15 @@ class KVCache:
         self.length = start + t
         return start, positions.clamp_(min=0)
 
+    def begin(self, attention_mask: Tensor) -> ContiguousStep:
+        start, positions = self.reserve(attention_mask)
+        return ContiguousStep(positions, self.valid, start, attention_mask.shape[1], self.has_padding, cache=self)
+
+    def begin_slot(self, batch_size: int, windows: set[int | None]) -> SlotStep:
+        """A fixed-shape step for one token per row (see ``SlotStep``)."""
+        start, positions = self.reserve(torch.ones(batch_size, 1, dtype=torch.long, device=self.valid.device))
+        return SlotStep(self, torch.tensor([start], device=self.valid.device), positions, windows)
+
     def crop(self, length: int) -> None:
         """Forget everything after ``length`` slots (e.g. rejected speculative tokens)."""
         if length < self.length:
@@ -130,20 +230,6 @@ class KVCache:
             self.next_position -= dropped
             self.valid[:, length:self.length] = False
             self.length = length
-
-
-def build_attention_mask(valid: Tensor, start: int, t: int, window: int | None) -> Tensor:
-    """Boolean mask [B, 1, T, S] (True = may attend) over slots 0..S-1, S = start + t."""
-    s = start + t
-    q = torch.arange(start, s, device=valid.device)[:, None]
-    k = torch.arange(s, device=valid.device)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (q - k < window)
-    mask = allowed[None] & valid[:, None, :s]
-    # A padding query would attend to nothing (NaN in softmax); let it see itself, its output is unused.
-    mask = mask | (q == k)[None]
-    return mask[:, None]
 
 
 # ---- attention and MLP ---------------------------------------------------------------------------
@@ -172,21 +258,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.attend is not None:  # the serving engine keeps K/V in its own paged pool and attends per sequence
-            y = ctx.attend(self, q, k, v, layer)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
-        if ctx.slot is not None:  # decode_step: write at a tensor slot, attend over the whole buffer (masked)
-            ctx.cache.keys[layer].index_copy_(2, ctx.slot, k)
-            ctx.cache.values[layer].index_copy_(2, ctx.slot, v)
-            k, v = ctx.cache.keys[layer], ctx.cache.values[layer]
-        elif ctx.cache is not None:
-            end = ctx.start + t
-            ctx.cache.keys[layer][:, :, ctx.start:end] = k
-            ctx.cache.values[layer][:, :, ctx.start:end] = v
-            k, v = ctx.cache.keys[layer][:, :, :end], ctx.cache.values[layer][:, :, :end]
-        mask = ctx.mask_for(self.window)
-        causal = mask is None and ctx.slot is None and ctx.start == 0 and t > 1
-        y = self.attention(q, k, v, mask, causal)
+        y = ctx.kv.attend(self, q, k, v, layer)  # stores k/v where the KV store keeps them, then attends
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
@@ -285,49 +357,45 @@ class Block(nn.Module):
         # Gemma 2 "sandwich" norms on each sub-block's output.
         self.attn_out_norm = make_norm(config) if config.post_norms else None
         self.mlp_out_norm = make_norm(config) if config.post_norms else None
+        self.hook_names = {p: f"blocks.{layer}.hook_{p}" for p in BLOCK_HOOK_POINTS}
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: "ForwardContext") -> Tensor:
+        names = self.hook_names
+        x = ctx.hook(names["resid_pre"], x)
         h = self.self_attn(self.attn_norm(x), cos, sin, ctx, self.layer)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
-        x = x + h
+        x = ctx.hook(names["resid_mid"], x + ctx.hook(names["attn_out"], h))
         h = self.mlp(self.mlp_norm(x), ctx) if isinstance(self.mlp, MoE) else self.mlp(self.mlp_norm(x))
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
-        return x + h
+        return ctx.hook(names["resid_post"], x + ctx.hook(names["mlp_out"], h))
+
+
+# Named activations (TransformerLens's names) a caller may read or replace: ``hooks={name: fn}`` where
+# ``fn(activation, name)`` returns a replacement or None (keep). Per layer i: ``blocks.{i}.hook_<point>``.
+BLOCK_HOOK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+Hook = Callable[[Tensor, str], "Tensor | None"]
 
 
 class ForwardContext:
-    """Per-call state shared by all layers: cache slot offset and masks (built once per window size)."""
+    """Per-call state every layer sees: the KV step (``kv.attend``), the hooks, MoE router logits."""
 
-    # Hook ``attend(attention_module, q, k, v, layer) -> y [B, H, T, D]`` (after RoPE): lets a caller with its
-    # own KV storage (the serving engine's paged pool) store k/v and attend itself. None: the paths below.
-    attend = None
-
-    def __init__(self, cache: KVCache | None, start: int, t: int, valid: Tensor | None, padded: bool,
-                 collect_router_logits: bool, slot: Tensor | None = None) -> None:
-        self.cache, self.start, self.t, self.valid, self.padded = cache, start, t, valid, padded
-        self.slot = slot  # decode_step: the cache slot as a [1] tensor (start is then unused)
+    def __init__(self, kv: AttentionStep, hooks: Mapping[str, Hook | Sequence[Hook]] | None,
+                 collect_router_logits: bool) -> None:
+        self.kv, self.hooks = kv, hooks or None
         self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
-        self._masks: dict[int | None, Tensor | None] = {}
 
-    def mask_for(self, window: int | None) -> Tensor | None:
-        """None when plain causal attention is exact (lets SDPA take its fastest path)."""
-        if self.slot is not None:  # one query per row over the whole buffer: its valid slots, within the window
-            if window not in self._masks:
-                allowed = self.valid
-                if window is not None:
-                    allowed = allowed & (torch.arange(allowed.shape[1], device=allowed.device) > self.slot - window)
-                self._masks[window] = allowed[:, None, None, :]
-            return self._masks[window]
-        if window is not None and self.start + self.t <= window:
-            window = None  # the window cannot bite yet
-        if window not in self._masks:
-            if not self.padded and window is None and (self.start == 0 or self.t == 1):
-                self._masks[window] = None
-            else:
-                self._masks[window] = build_attention_mask(self.valid, self.start, self.t, window)
-        return self._masks[window]
+    def hook(self, name: str, x: Tensor) -> Tensor:
+        """``x`` through the hooks registered at ``name`` (none: ``x`` itself, nothing else runs)."""
+        if self.hooks is None or name not in self.hooks:
+            return x
+        fns = self.hooks[name]
+        for fn in (fns if isinstance(fns, (list, tuple)) else (fns,)):
+            out = fn(x, name)
+            if out is not None:
+                x = out
+        return x
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -401,38 +469,43 @@ class Transformer(nn.Module):
         cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                position_ids: Tensor | None = None, logits_to_keep: int = 0,
-                return_hidden: bool = False) -> Tensor:
-        """Logits [B, T, vocab] (or the last ``logits_to_keep`` positions; hidden states if return_hidden).
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                cache: "KVCache | AttentionStep | None" = None, position_ids: Tensor | None = None,
+                logits_to_keep: int | Tensor = 0, return_hidden: bool = False, inputs_embeds: Tensor | None = None,
+                hooks: Mapping[str, Hook | Sequence[Hook]] | None = None) -> Tensor:
+        """Logits [B, T, vocab]: embed -> blocks -> final norm -> LM head (the only path, every caller).
 
-        ``attention_mask`` [B, T]: 1 for real tokens, 0 for padding (left padding for generation).
-        With ``cache``, the tokens are appended to it and attend to everything cached before.
+        ``input_ids`` [B, T] or ``inputs_embeds`` [B, T, hidden] (e.g. image features spliced in; the
+        embedding multiplier is the caller's to apply). ``attention_mask`` [B, T]: 1 for real tokens, 0 for
+        padding (left padding for generation). ``cache``: the KV store (see ``KVCache.begin``); with one the
+        tokens are appended and attend to everything stored before. ``logits_to_keep``: the last k positions
+        (int) or the positions given by a 1-D index tensor. ``return_hidden``: the final-normed hidden states
+        instead of logits. ``hooks``: see ``BLOCK_HOOK_POINTS``.
         """
-        b, t = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.long, device=input_ids.device)
-        if cache is not None:
-            start, positions = cache.reserve(attention_mask)
-            valid, padded = cache.valid, cache.has_padding
-        else:
-            start = 0
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-            valid, padded = attention_mask.bool(), not bool(attention_mask.all())
-        if position_ids is not None:
-            positions = position_ids
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=device)
+        step = no_cache_step(attention_mask) if cache is None else cache.begin(attention_mask)
+        positions = step.positions if position_ids is None else position_ids
         cfg = self.config
-        ctx = ForwardContext(cache, start, t, valid, padded, collect_router_logits=cfg.num_experts > 0)
+        ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0)
 
-        x = self.model.embed_tokens(input_ids)
-        if cfg.embedding_multiplier != 1.0:
-            # Gemma casts the multiplier to the activation dtype first; bf16 sqrt(2304) = 48.0, not 48.0000..
-            x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
+        if inputs_embeds is None:
+            x = self.model.embed_tokens(input_ids)
+            if cfg.embedding_multiplier != 1.0:
+                # Gemma casts the multiplier to the activation dtype first; bf16 sqrt(2304) = 48.0, not 48.0000..
+                x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
+        else:
+            x = inputs_embeds
         cos = sin = None
         if self.model.embed_positions is not None:
             x = x + self.model.embed_positions(positions)
         else:
             cos, sin = self._rope(positions, x.dtype)
+        x = ctx.hook("hook_embed", x)
 
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -440,46 +513,37 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, ctx)
         self.last_router_logits = ctx.router_logits
-        x = self.model.norm(x)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        if return_hidden:
-            return x
-        logits = self.lm_head(x)
-        if cfg.final_logit_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-        return logits
+        x = ctx.hook("ln_final.hook_normalized", self.model.norm(x))
+        return x if return_hidden else self.unembed(x)
 
-    def decode_step(self, tokens: Tensor, cache: KVCache, core=None) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: KVCache, compiled: Callable | None = None) -> Tensor:
         """Append one token per row (``tokens`` [B]) to ``cache``; logits [B, vocab] for the next token.
 
-        Same result as ``forward(tokens[:, None], cache=cache)[:, -1]``, split in two: the host-side cache
-        bookkeeping here, and ``_decode_core`` whose inputs are tensors of fixed shape (it attends over the
-        whole cache buffer under the ``valid`` mask), so ``torch.compile`` traces it once per cache size.
-        ``core``: a compiled ``_decode_core`` to call instead of the eager one.
+        Same result as ``forward(tokens[:, None], cache=cache)[:, -1]``, through a ``SlotStep`` whose tensors
+        have fixed shapes, so ``compiled`` (``torch.compile(model.forward)``) traces it once per cache size.
         """
-        ids = tokens[:, None]
-        start, positions = cache.reserve(torch.ones_like(ids))
-        cos = sin = None
-        if self.model.embed_positions is None:
-            cos, sin = self._rope(positions, self.dtype)
-        slot = torch.tensor([start], device=ids.device)
-        return (core or self._decode_core)(ids, positions, cos, sin, slot, cache)
+        step = cache.begin_slot(tokens.shape[0], self._windows)
+        return (compiled or self.forward)(tokens[:, None], cache=step)[:, -1]
 
-    def _decode_core(self, ids: Tensor, positions: Tensor, cos: Tensor | None, sin: Tensor | None, slot: Tensor,
-                     cache: KVCache) -> Tensor:
-        cfg = self.config
-        ctx = ForwardContext(cache, 0, 1, cache.valid, True, cfg.num_experts > 0, slot=slot)
-        x = self.model.embed_tokens(ids)
-        if cfg.embedding_multiplier != 1.0:
-            x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
-        if self.model.embed_positions is not None:
-            x = x + self.model.embed_positions(positions)
-        for block in self.model.layers:
-            x = block(x, cos, sin, ctx)
-        logits = self.lm_head(self.model.norm(x[:, -1]))
-        if cfg.final_logit_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    @property
+    def _windows(self) -> set[int | None]:
+        return {self.config.window(i) for i in range(self.config.num_layers)}
+
+    def hook_names(self) -> list[str]:
+        """Every hook point of this model, in the order the forward pass reaches them."""
+        blocks = [f"blocks.{i}.hook_{p}" for i in range(self.config.num_layers) for p in BLOCK_HOOK_POINTS]
+        return ["hook_embed", *blocks, "ln_final.hook_normalized"]
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states -> logits (the LM head, then Gemma 2's soft-cap where configured)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         return logits
 
     def aux_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:

@@ -1,6 +1,5 @@
-"""Serving: paged KV cache, continuous batching, chunked prefill, prefix caching."""
+"""Serving: the OpenAI-compatible HTTP server over ``lmforge.engine`` (re-exported here for convenience)."""
 
-from lmforge.serve.engine import CompletionOutput, Engine, RequestOutput
-from lmforge.serve.sequence import SamplingParams
+from lmforge.engine import CompletionOutput, Engine, RequestOutput, SamplingParams
 
 __all__ = ["CompletionOutput", "Engine", "RequestOutput", "SamplingParams"]

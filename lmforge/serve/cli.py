@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmforge.cli import command
+from lmforge.commands import DEVICE_FLAG, command
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: directory name)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -43,7 +43,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", **DEVICE_FLAG)
 
 
 @command("chat", "chat with a model in the terminal (its chat template; /reset clears, /quit or Ctrl-D leaves)")(_chat_args)

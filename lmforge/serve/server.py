@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.engine import Engine, RequestOutput
-from lmforge.serve.sequence import SamplingParams
+from lmforge.engine.engine import Engine, RequestOutput
+from lmforge.engine.sequence import SamplingParams
 
 
 # ---- the engine thread ----------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Layout of ``<run>/checkpoints/step-00000100/``:
   model/             HF-format model (config.json + safetensors + tokenizer), loadable by transformers;
                      with LoRA this is the merged model and ``adapter/`` holds the PEFT adapter
   trainable.safetensors  the trainable parameters exactly as trained (LoRA runs; small)
-  optimizer.pt       optimizer and LR-scheduler state dicts (tensors and numbers only)
-  state.json         step, tokens seen, RNG seed state, recipe
+  optimizer.pt       optimizer, LR-scheduler and RNG states (tensors and numbers only)
+  state.json         the loop that wrote it (``trainer``), step, world size, and the loop's own: tokens seen
+                     and recipe, or the RL config
 ``<run>/checkpoints/latest`` names the newest complete checkpoint. A checkpoint directory is built
 beside its final name and renamed into place, and ``latest`` is replaced only after that, so a crash
 mid-save leaves the previous checkpoint as "latest".

@@ -6,6 +6,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,6 +17,19 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.errors import ConfigError
+
+
+@dataclass
+class RunSpec:
+    """What every run has, whatever it trains (``TrainConfig`` and the RL configs extend it)."""
+
+    seed: int = 0
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when there is a GPU, else cpu) | cpu | cuda | cuda:N
+    save_every: int = 50  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1  # metrics.jsonl record every N steps
+    progress: bool = True  # a progress bar on the terminal
+    plot: bool = True  # loss.png at the end
 
 
 @dataclass
@@ -77,7 +91,7 @@ class PreferenceSpec:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSpec):
     task: Literal["pretrain", "sft", "dpo", "rm"] = "pretrain"
     out_dir: str = "runs/run"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -90,19 +104,12 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
     max_steps: int = 100
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that support it
     compile: bool = False
     activation_checkpointing: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun with more than one process
-    log_every: int = 1
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 8
-    save_every: int = 50  # 0: only at the end
-    keep_checkpoints: int = 2
-    plot: bool = True
-    progress: bool = True
 
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -125,6 +132,8 @@ class TrainConfig:
              "must be two numbers in [0, 1)")
         need(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.save_every >= 0, "save_every", "must be >= 0")
         need(self.lora.r > 0, "lora.r", f"must be positive, got {self.lora.r}")
         need(self.lora.alpha > 0, "lora.alpha", "must be positive")
         need(0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
@@ -202,10 +211,20 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML recipe (or none), apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
-    tree: dict[str, Any] = dict(defaults or {})
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None,
+                cls: type = TrainConfig, values: dict[str, Any] | None = None) -> Any:
+    """A validated ``cls`` (TrainConfig, GRPOConfig, ...) from, each over the one before: its defaults, the
+    ``defaults`` mapping, a YAML recipe file, ``key.sub=value`` overrides (values parsed as YAML), and ``values``
+    (dotted keys to values, e.g. flags given on the command line)."""
+    tree: dict[str, Any] = copy.deepcopy(defaults or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -216,7 +235,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
             raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must be a mapping of fields, got {type(loaded).__name__}")
-        tree.update(loaded)
+        _merge(tree, loaded)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -226,10 +245,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
         except yaml.YAMLError:
             value = raw
         _set(tree, key.strip(), value)
-    config = _build(TrainConfig, tree)
+    for key, value in (values or {}).items():
+        _set(tree, key, value)
+    config = _build(cls, tree)
     config.validate()
     return config
 
 
-def recipe_dict(config: TrainConfig) -> dict[str, Any]:
+def recipe_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

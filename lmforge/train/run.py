@@ -1,14 +1,18 @@
-"""From a recipe to a ready Trainer: tokenizer, model (loaded or fresh), LoRA, teacher, datasets."""
+"""From a recipe to a ready Trainer: tokenizer, model (loaded or fresh), LoRA, teacher, and the datasets and
+trainer of its ``task`` (a registry: pretrain and sft here, the others registered by the packages above)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
+from lmforge.models.device import pick_device
+from lmforge.train.harness import Dist, setup_distributed
 from lmforge.train.recipe import TrainConfig
 from lmforge.train.trainer import Data, Trainer
 
@@ -34,57 +38,66 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> Transformer:
     return Transformer(config).init_weights(std=cfg.model.init_std, seed=cfg.seed)
 
 
-def build_data(cfg: TrainConfig, tokenizer, rank: int = 0, barrier=lambda: None) -> Data:
-    if cfg.task == "pretrain":
-        from lmforge.data.pretrain import PackedDataset, build_token_cache
+# ---- tasks: what a recipe's ``task`` trains on, and with which trainer ----------------------------------
+DataFn = Callable[[TrainConfig, Any, Dist], tuple[Any, Any, str]]  # (cfg, tokenizer, processes) -> train, val, text
+TASKS: dict[str, tuple[DataFn, Callable[..., Trainer]]] = {}
 
-        cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir).parent / "token_cache")
 
-        def caches_():
-            return build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
-                                     val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                                     glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+def register_task(name: str, data: DataFn, trainer: Callable[..., Trainer] = Trainer) -> None:
+    """Make ``task: name`` buildable; ``trainer(cfg, model, data, tokenizer=, lora=, teacher=)``. Packages above
+    ``train`` register theirs when imported (``lmforge.align`` adds ``dpo`` and ``rm``), so it needs none of them."""
+    TASKS[name] = (data, trainer)
 
-        # Rank 0 tokenizes; the others wait, then find the finished cache.
-        if rank == 0:
-            caches = caches_()
-        barrier()
-        if rank != 0:
-            caches = caches_()
-        train = PackedDataset(caches.train, cfg.data.seq_len)
-        val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
-        desc = f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
-    elif cfg.task in ("dpo", "rm"):
-        from lmforge.align.dpo import PreferenceDataset
 
-        full = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.seq_len)
-        if cfg.data.val:
-            train, val = full, PreferenceDataset(cfg.data.val, tokenizer, cfg.data.seq_len)
-        else:
-            train, val = full, full.split_off(int(len(full) * cfg.data.val_fraction))
-        desc = f"{len(train):,} preference pairs" + (f" ({full.dropped} dropped: too long)" if full.dropped else "")
+def _pretrain_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
+    from lmforge.data.pretrain import PackedDataset, build_token_cache
+
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir).parent / "token_cache")
+
+    def caches_():
+        return build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
+                                 val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                                 glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+
+    # Rank 0 tokenizes; the others wait, then find the finished cache.
+    if procs.main:
+        caches = caches_()
+    procs.barrier()
+    if not procs.main:
+        caches = caches_()
+    train = PackedDataset(caches.train, cfg.data.seq_len)
+    val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
+    return train, val, f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
+
+
+def _sft_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
+    from lmforge.data.sft import SFTDataset, read_chat_jsonl
+
+    conversations = [c for path in cfg.data.train for c in read_chat_jsonl(path)]
+    if cfg.data.val:
+        val_conv = [c for path in cfg.data.val for c in read_chat_jsonl(path)]
     else:
-        from lmforge.data.sft import SFTDataset, read_chat_jsonl
+        n_val = int(len(conversations) * cfg.data.val_fraction)
+        conversations, val_conv = conversations[n_val:], conversations[:n_val]
+    train = SFTDataset(conversations, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate)
+    val = SFTDataset(val_conv, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate) if val_conv else None
+    desc = f"{len(train):,} conversations (loss on assistant tokens only"
+    if train.truncated or train.dropped:
+        desc += f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
+    return train, val, desc + ")"
 
-        conversations = [c for path in cfg.data.train for c in read_chat_jsonl(path)]
-        if cfg.data.val:
-            val_conv = [c for path in cfg.data.val for c in read_chat_jsonl(path)]
-        else:
-            n_val = int(len(conversations) * cfg.data.val_fraction)
-            conversations, val_conv = conversations[n_val:], conversations[:n_val]
-        train = SFTDataset(conversations, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate)
-        val = SFTDataset(val_conv, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate) if val_conv else None
-        desc = f"{len(train):,} conversations (loss on assistant tokens only"
-        if train.truncated or train.dropped:
-            desc += f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
-        desc += ")"
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    return Data(train=train, val=val, pad_id=int(pad if pad is not None else 0), describe=desc)
+
+register_task("pretrain", _pretrain_data)
+register_task("sft", _sft_data)
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
     from lmforge.data.tokenizer import load_tokenizer
 
+    task = TASKS.get(cfg.task)
+    if task is None:
+        raise ConfigError(f"recipe field 'task': {cfg.task!r} is not available until the package that provides it "
+                          "is imported (lmforge.align provides dpo and rm; the lmforge command line imports it)")
     tok_path = cfg.tokenizer or cfg.model.path
     if tok_path is None:
         raise ConfigError("recipe field 'tokenizer' is needed when the model is built from a config")
@@ -111,24 +124,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError(f"distill.teacher has vocabulary {teacher.config.vocab_size}, the student "
                               f"{model.config.vocab_size}; distillation needs a shared tokenizer")
-    from lmforge.train.trainer import pick_device, setup_distributed
-
     # Under torchrun, join the process group now so rank 0 can build the token cache while the others wait.
     procs = setup_distributed(pick_device(cfg.device))
-    data = build_data(cfg, tokenizer, rank=procs.rank, barrier=procs.barrier)
-    if cfg.task == "rm":
-        from lmforge.align.reward_model import RewardModel, RewardObjective
-
-        if lora is not None:
-            raise ConfigError("recipe field 'lora.enabled': reward models train all weights for now")
-        return Trainer(cfg, RewardModel(model, seed=cfg.seed), data, tokenizer=tokenizer, objective=RewardObjective())
-    if cfg.task != "dpo":
-        return Trainer(cfg, model, data, tokenizer=tokenizer, teacher=teacher, lora=lora)
-    from lmforge.align.dpo import PreferenceObjective, cache_reference_logps
-
-    p = cfg.preference
-    objective = PreferenceObjective(p.beta, p.loss_type, p.label_smoothing, p.simpo_gamma, p.nll_weight)
-    trainer = Trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, objective=objective)
-    if p.loss_type != "simpo":  # SimPO is reference-free
-        cache_reference_logps(trainer, [data.train, data.val], objective, batch_size=cfg.batch_size)
-    return trainer
+    data_fn, trainer = task
+    train, val, describe = data_fn(cfg, tokenizer, procs)
+    data = Data(train=train, val=val, pad_id=tokenizer.pad_id_or_eos, describe=describe)
+    return trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, teacher=teacher)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from lmforge.align.dpo import preference_accuracy  # importing lmforge.align.dpo registers the dpo and rm tasks
 from lmforge.cli import main
 from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.train.recipe import load_recipe
@@ -58,13 +59,13 @@ def test_nll_term_adds_the_chosen_answers_per_token_nll(workspace, tmp_path):
     import torch
 
     from lmforge.align.losses import sequence_logprobs
-    from lmforge.train.objectives import IGNORE_INDEX
+    from lmforge.data.sft import IGNORE_INDEX
 
     trainer = build_trainer(recipe(workspace, tmp_path, "preference.nll_weight=0.5"))
     items = trainer.data.train.items[:4]
     batch = trainer.objective.collate(items, trainer.data.pad_id)
     with torch.no_grad():
-        loss = float(trainer.objective.loss(trainer, batch)) / len(items)
+        loss = float(trainer.objective.loss(trainer.forward(batch), batch)) / len(items)
         logits = trainer.model(batch["input_ids"], attention_mask=batch["attention_mask"])
         chosen_labels = batch["labels"][:len(items)]
         chosen_sum = sequence_logprobs(logits[:len(items)], chosen_labels)
@@ -80,8 +81,6 @@ def test_negative_nll_weight_is_refused_by_the_recipe(workspace, tmp_path):
 
 
 def test_dpo_learns_the_preference_and_generalises(workspace, tmp_path):
-    from lmforge.align.dpo import preference_accuracy
-
     trainer = build_trainer(recipe(workspace, tmp_path))
     before = preference_accuracy(trainer, trainer.data.val, trainer.objective)
     assert before["accuracy"] == 0.0 and before["margin"] == 0.0  # implicit reward is 0 before training

@@ -11,7 +11,7 @@ from lmforge.align.grpo import GRPOConfig, GRPOTrainer, _sequences
 from lmforge.errors import ConfigError
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.data.sft import IGNORE_INDEX
 
 
 def tiny_model(seed=0):

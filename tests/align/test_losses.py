@@ -11,7 +11,7 @@ from lmforge.align.losses import (bradley_terry_loss, dpo_loss, gae, group_advan
                                   ppo_policy_loss, ppo_value_loss, sequence_logprobs, simpo_loss, whiten,
                                   with_chosen_nll)
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.data.sft import IGNORE_INDEX
 
 
 def _logsig(x: float) -> float:

@@ -13,7 +13,7 @@ from lmforge.align.losses import masked_mean
 from lmforge.align.ppo import PPOConfig, PPOTrainer
 from lmforge.align.reward_model import RewardModel, save_reward_model
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.data.sft import IGNORE_INDEX
 
 from .test_grpo import PROMPTS, says_yes, starts_lowercase, tiny_model
 

@@ -11,7 +11,7 @@ from lmforge.align.losses import sequence_logprobs
 from lmforge.align.preference_data import PreferencePair, collate_pairs, encode_pair, read_preference_jsonl
 from lmforge.data.sft import SequenceTooLong
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.data.sft import IGNORE_INDEX
 
 
 class ByteTokenizer:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.sft import SequenceTooLong, SFTDataset, encode_conversation, pad_collate, read_chat_jsonl
+from lmforge.data.sft import IGNORE_INDEX, SequenceTooLong, SFTDataset, encode_conversation, pad_collate, read_chat_jsonl
 from lmforge.errors import LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
+from lmforge.train.objectives import token_cross_entropy
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "2 + 3 = 5"}, {"role": "user", "content": "And 4 + 4?"},

@@ -70,7 +70,7 @@ def test_unreachable_judge_endpoint_is_a_clear_error():
 def test_endpoint_judge_against_an_lmforge_server(model_dir):
     pytest.importorskip("uvicorn")
     from lmforge.eval.judge import EndpointJudge, pairwise_preferences
-    from lmforge.serve.engine import Engine
+    from lmforge.engine.engine import Engine
     from lmforge.serve.server import build_app
 
     from ..serve.tiny_server import running

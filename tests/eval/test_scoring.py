@@ -73,8 +73,6 @@ def test_bootstrap_stderr_seeded_and_close_to_analytic():
     assert math.isnan(scoring.bootstrap_stderr([1.0]))
 
 
-def test_exact_match_and_stop():
+def test_exact_match():
     assert scoring.exact_match(" 42", "42") == 1.0 and scoring.exact_match(None, "42") == 0.0
     assert scoring.exact_match("4", "42") == 0.0
-    assert scoring.cut_at_stop("7\nQuestion: x", ["\n"]) == "7"
-    assert scoring.cut_at_stop("abc", ["z", ""]) == "abc"

@@ -12,7 +12,7 @@ from .tiny_server import save_tiny_chat_model  # noqa: E402
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from lmforge.serve.engine import Engine
+    from lmforge.engine.engine import Engine
     from lmforge.serve.server import build_app
 
     path = save_tiny_chat_model(tmp_path_factory.mktemp("fuzz") / "tiny", layers=1, heads=2, kv_heads=1)

@@ -17,7 +17,7 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from lmforge.serve.engine import Engine
+    from lmforge.engine.engine import Engine
     from lmforge.serve.server import build_app
 
     path = save_tiny_chat_model(tmp_path_factory.mktemp("srv") / "tiny")

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from lmforge.train.objectives import IGNORE_INDEX, count_targets, distillation_kl, distillation_loss, token_cross_entropy
+from lmforge.data.sft import IGNORE_INDEX
+from lmforge.train.objectives import count_targets, distillation_kl, distillation_loss, token_cross_entropy
 
 
 def _log_softmax(row):

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
+from lmforge.data.sft import IGNORE_INDEX
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
-from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.recipe import load_recipe
 from lmforge.train.trainer import Data, Trainer
 

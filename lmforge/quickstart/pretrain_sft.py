@@ -16,9 +16,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from lmforge.cli import command
+from lmforge.commands import command
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -61,32 +61,24 @@ def _write_corpus(files: list[Path], path: Path) -> None:
                                 "source": file.name}) + "\n")
 
 
-def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> list[str]:
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> list[str]:
     """Greedy replies to each record's first user turn, cut at EOS."""
-    from lmforge.models.generate import generate, left_pad
+    from lmforge.engine import SamplingParams
+    from lmforge.engine.complete import complete
 
-    model.eval()
-    texts = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in chunk]
-        ids, mask = left_pad(prompts, tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0])
-        out = generate(model, ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
-                       eos_ids=tokenizer.eos_ids)
-        for row in out.tolist():
-            cut = next((j for j, t in enumerate(row) if t in tokenizer.eos_ids), len(row))
-            texts.append(tokenizer.decode(row[:cut]))
-    return texts
+    prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True) for r in records]
+    outs = complete(model, prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), tokenizer)
+    return [samples[0].text for samples in outs]
 
 
-def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
+def answer_accuracy(model_dir: Path, records: list[dict], max_new_tokens: int = 16) -> float:
     """Greedy answers to the user turns, scored by the last number against the reference."""
     from lmforge.data.synthetic import exact_match_accuracy
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.checkpoint import load_model
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)  # its eos ids include <|im_end|>
-    completions = greedy_answers(model, tokenizer, records, max_new_tokens, batch_size)
+    completions = greedy_answers(model, tokenizer, records, max_new_tokens)
     return exact_match_accuracy(completions, [r["answer"] for r in records])
 
 

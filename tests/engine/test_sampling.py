@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.serve import Engine, SamplingParams
-from lmforge.serve.sampler import Sampler, apply_penalties, filter_logits
-from lmforge.serve.sequence import Sequence
+from lmforge.engine import Engine, SamplingParams
+from lmforge.engine.sampler import Sampler, apply_penalties
+from lmforge.models.sampling import filter_logits
+from lmforge.engine.sequence import Sequence
 
 from .conftest import CharTokenizer
 
@@ -191,7 +192,7 @@ def test_abort_frees_blocks(tiny_model):
 
 def test_out_of_range_seed_is_rejected_up_front():
     from lmforge.errors import LmforgeError
-    from lmforge.serve.sequence import SamplingParams
+    from lmforge.engine.sequence import SamplingParams
 
     SamplingParams(seed=2**64 - 2, n=2).validate()
     with pytest.raises(LmforgeError, match="seed must be in"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lmforge.serve.block_manager import BlockManager
-from lmforge.serve.sequence import SamplingParams, Sequence
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.sequence import SamplingParams, Sequence
 
 BS = 4
 

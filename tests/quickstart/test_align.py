@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lmforge import save_model
 from lmforge.cli import main
 from lmforge.data.synthetic import skill_examples, write_jsonl
 from lmforge.data.tokenizer import train_bpe_tokenizer
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, as in tests/align (see tests/conftest.py)
 
 
 def test_quickstart_align_runs_every_stage(tmp_path, capsys):

@@ -10,8 +10,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.models.model import Transformer
-from lmforge.serve import Engine, SamplingParams
-from lmforge.serve.speculative import warp
+from lmforge.engine import Engine, SamplingParams
+from lmforge.engine.speculative import warp
 
 from .test_engine_parity import MAX_NEW, assert_no_leak, make_prompts, reference
 

@@ -1,8 +1,8 @@
 """One forward pass over a mixed batch (prefill chunks + decode tokens) with a paged KV pool.
 
-All new tokens of the step are packed into one row [1, N]; projections, norms and MLPs run on it as one
-batch, through the model's own ``Block`` modules. Attention goes through the model's ``ctx.attend`` hook
-(``_PagedAttention``): each layer writes the step's new keys/values straight into their pool slots, then
+The runner prepares metadata and calls the model's one forward pass; it never re-implements it. All new
+tokens of the step are packed into one row [1, N]; projections, norms and MLPs run on it as one batch.
+The model asks its KV store for an attention step: here ``PagedStep``, with which each layer writes the step's new keys/values straight into their pool slots, then
 attends per sequence over keys gathered from that sequence's blocks only, so the cost is the sum of each
 sequence's (new tokens x context), not (all new tokens x all contexts):
   - decode tokens (one query each) run as one padded batch [B, H, 1, D] over [B, K, S_max, D];
@@ -57,16 +57,17 @@ class _Chunk:
         return self.masks[window]
 
 
-class _PagedAttention:
-    """Duck-types ``ForwardContext`` for ``Block.forward``; ``attend`` is called by every attention layer."""
+class PagedStep:
+    """The model's ``AttentionStep`` (see ``lmforge.models.model``) over the paged pool, for one engine step."""
 
-    def __init__(self, k_pool: list[Tensor], v_pool: list[Tensor], new_slots: Tensor, decode_rows: Tensor,
-                 decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor, chunks: list[_Chunk]) -> None:
+    def __init__(self, positions: Tensor, k_pool: list[Tensor], v_pool: list[Tensor], new_slots: Tensor,
+                 decode_rows: Tensor, decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor,
+                 chunks: list[_Chunk]) -> None:
+        self.positions = positions  # [1, N]
         self.k_pool, self.v_pool, self.new_slots = k_pool, v_pool, new_slots  # new_slots: pool slot per new token [N]
         self.decode_rows, self.decode_blocks = decode_rows, decode_blocks  # [B], [B, blocks_max] (padding -> block 0)
         self.decode_valid, self.decode_pos = decode_valid, decode_pos  # [B, S_max] bool, [B] query positions
         self.chunks = chunks
-        self.router_logits = None  # MoE: no load-balancing stats at inference
         self._decode_masks: dict[int | None, Tensor] = {}
 
     def _decode_mask(self, window: int | None) -> Tensor:
@@ -77,6 +78,9 @@ class _PagedAttention:
                 allowed = allowed & (self.decode_pos[:, None] - k_pos < window)
             self._decode_masks[window] = allowed[:, None, None, :]  # [B, 1, 1, S_max]
         return self._decode_masks[window]
+
+    def begin(self, attention_mask: Tensor) -> "PagedStep":
+        return self
 
     def attend(self, attn, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]  # [blocks, block_size, K, D]
@@ -118,7 +122,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, feeds: list[Feed]) -> Tensor:
         """Run every feed in one pass; float32 logits [sum of num_logits, vocab], feed by feed."""
-        model, cfg, bs = self.model, self.model.config, self.block_size
+        model, bs = self.model, self.block_size
         device = model.device
         ids, q_pos, new_slots, rows = [], [], [], []
         decode_rows, decode_tables, decode_lens, chunks = [], [], [], []
@@ -148,24 +152,7 @@ class ModelRunner:
             padded[i, :len(x)] = x
         lens = torch.tensor(decode_lens, dtype=torch.long)
         valid = torch.arange(width * bs)[None] < lens[:, None]
-        ctx = _PagedAttention(self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
-                              torch.tensor(decode_rows, **to), padded.to(device), valid.to(device),
-                              (lens - 1).to(device), chunks)
-
-        # The prologue/epilogue of Transformer.forward; the blocks themselves are the model's.
-        x = model.model.embed_tokens(input_ids)
-        if cfg.embedding_multiplier != 1.0:
-            x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
-        cos = sin = None
-        if model.model.embed_positions is not None:
-            x = x + model.model.embed_positions(positions[None])
-        else:
-            cos, sin = model._rope(positions[None], x.dtype)
-        for block in model.model.layers:
-            x = block(x, cos, sin, ctx)
-
-        h = model.model.norm(x[0, torch.tensor(rows, **to)])
-        logits = model.lm_head(h)
-        if cfg.final_logit_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-        return logits.float()
+        step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
+                         torch.tensor(decode_rows, **to), padded.to(device), valid.to(device), (lens - 1).to(device),
+                         chunks)
+        return model(input_ids, cache=step, logits_to_keep=torch.tensor(rows, **to))[0].float()

@@ -3,7 +3,8 @@
 Each step has a token budget (``max_num_batched_tokens``) and a cap on running sequences
 (``max_num_seqs``). Running sequences go first, oldest first: a decode costs one token, an unfinished
 prompt takes the next chunk that fits (chunked prefill), so long prompts never stall decodes. Leftover
-budget admits waiting requests in arrival order. When the KV pool runs dry, the newest running sequence
+budget admits waiting requests in arrival order; a prompt that a running sequence is still prefilling is
+not prefilled twice at once (its twins wait a step and share its blocks). When the KV pool runs dry, the newest running sequence
 is preempted by recompute: its blocks are freed and it goes back to the front of the queue (its tokens,
 prompt and output, are prefilled again later; the prefix cache usually hands most of them back).
 With speculative decoding (``num_lookahead_slots`` = k), a decode reserves KV slots and budget for k draft
@@ -15,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from lmforge.serve.block_manager import BlockManager
-from lmforge.serve.sequence import Sequence, SequenceStatus
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -74,8 +75,16 @@ class Scheduler:
             break  # seq itself was preempted: it was the newest, nothing after it
         if preempted:  # memory is tight: admitting more would only cause more thrashing
             return batch
+        # A prompt being prefilled by a running sequence: its twins (the other samples of an n > 1 request, or
+        # repeated prompts) wait until its blocks are computed, then take them from the prefix cache.
+        in_flight = {s.prompt_key for s in self.running if s.num_computed_tokens < len(s.prompt_ids)}
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            shareable = self.bm.enable_prefix_caching and len(seq.prompt_ids) > self.bm.block_size
+            if shareable and not seq.output_ids and seq.prompt_key in in_flight:
+                deferred.append(self.waiting.popleft())
+                continue
             hits = self.bm.match_prefix(seq)
             cached = len(hits) * self.bm.block_size
             n = min(seq.num_tokens - cached, budget)
@@ -88,6 +97,9 @@ class Scheduler:
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
+            if shareable:
+                in_flight.add(seq.prompt_key)
+        self.waiting.extendleft(reversed(deferred))
         return batch
 
     def postprocess(self, batch: list[ScheduledSeq]) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmforge.serve.sequence import Sequence
+from lmforge.engine.sequence import Sequence
+from lmforge.models.sampling import filter_logits
 
 
 @dataclass
@@ -42,22 +43,6 @@ def apply_penalties(logits: Tensor, prompt_ids: list[list[int]], output_ids: lis
     r = repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
-
-
-def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
-    """Set to -inf what top-k (k [B], 0 = off), top-p (p [B]) and min-p (m [B], relative to the top
-    token's probability) drop. The most likely token always survives."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    v = logits.shape[-1]
-    rank = torch.arange(v, device=logits.device)[None]
-    k = torch.where(top_k > 0, top_k, v)[:, None]
-    drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # top-p over what top-k kept: drop a token once the tokens ranked above it reach p.
-    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    drop |= probs < min_p[:, None] * probs[:, :1]
-    drop[:, 0] = False
-    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
 
 
 class Sampler:

@@ -23,8 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.cli import command
-from lmforge.quickstart import greedy_answers
+from lmforge.commands import command
+from lmforge.quickstart.pretrain_sft import greedy_answers
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -73,13 +73,6 @@ def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
     if not out:
         raise LmforgeError(f"no {skill} problems left that the SFT data does not contain")
     return out
-
-
-ANSWER_BATCH = 64  # prompts per greedy-answer batch
-
-
-def answers_of(model, tokenizer, records: list[dict]) -> list[str]:
-    return greedy_answers(model, tokenizer, records, batch_size=ANSWER_BATCH)
 
 
 def correct(answers: list[str], records: list[dict]) -> list[float]:
@@ -139,7 +132,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
     train = [{"messages": r["messages"][:1], "answer": r["answer"]} for r in train]
     tokenizer = load_tokenizer(sft_dir)
     results: dict = {"skill": args.skill, "test_size": len(test), "sft_checkpoint": str(sft_dir)}
-    sft_answers = answers_of(load_model(sft_dir), tokenizer, test)
+    sft_answers = greedy_answers(load_model(sft_dir), tokenizer, test)
     sft_correct = correct(sft_answers, test)
     base = sum(sft_correct) / len(test)
     results["sft_accuracy"] = base
@@ -154,7 +147,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
                          mini_batch_size=_quarter(prompts_per_step * args.group_size))
         t = time.perf_counter()
         history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
-        results["grpo"] = {**compare(correct(answers_of(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
+        results["grpo"] = {**compare(correct(greedy_answers(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
                            "minutes": (time.perf_counter() - t) / 60,
                            "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
         print(f"GRPO ({cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples): "
@@ -167,7 +160,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
                         seed=args.seed, save_every=0, truncated_reward=0.0)
         t = time.perf_counter()
         history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
-        results["ppo"] = {**compare(correct(answers_of(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
+        results["ppo"] = {**compare(correct(greedy_answers(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
                           "minutes": (time.perf_counter() - t) / 60,
                           "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
         print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy "
@@ -230,7 +223,7 @@ def _preference_stage(sft_dir: Path, tokenizer, prompts: list[dict], test: list[
     dpo_result = build_trainer(dpo_cfg).fit()
     dpo = load_model(dpo_result.final_checkpoint / "model")
 
-    dpo_answers = answers_of(dpo, tokenizer, test)
+    dpo_answers = greedy_answers(dpo, tokenizer, test)
     result = compare(correct(dpo_answers, test), sft_correct)
     wins = []  # per problem: 1 DPO's answer scores higher, 0 lower, 0.5 same answer or tie
     for rec, a, b in zip(test, sft_answers, dpo_answers):

@@ -105,6 +105,7 @@ class Sequence:
                  params: SamplingParams, device: torch.device | str = "cpu") -> None:
         self.seq_id, self.request_id, self.index = seq_id, request_id, index
         self.prompt_ids = list(prompt_ids)
+        self.prompt_key = hash(tuple(self.prompt_ids))  # equal prompts (n samples, repeats) share KV blocks
         self.output_ids: list[int] = []
         self.params = params
         self.status = SequenceStatus.WAITING
@@ -118,10 +119,11 @@ class Sequence:
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.text = ""  # decoded output, stop string trimmed (when a tokenizer is known)
+        self.detokenizer = None  # lmforge.data.tokenizer.IncrementalDecoder: grows ``text`` token by token
         self.sent_tokens = 0  # streaming: tokens / characters already reported
         self.sent_chars = 0
         self.generator: torch.Generator | None = None
-        self.constraint = None  # structured output: lmforge.serve.structured.Constraint
+        self.constraint = None  # structured output: lmforge.engine.structured.Constraint
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
 

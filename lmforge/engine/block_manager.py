@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from lmforge.serve.sequence import Sequence
+from lmforge.engine.sequence import Sequence
 
 
 class BlockManager:

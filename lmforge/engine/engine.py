@@ -18,14 +18,16 @@ from typing import Iterator
 
 import torch
 
+from lmforge.data.tokenizer import IncrementalDecoder
 from lmforge.errors import LmforgeError
+from lmforge.models.device import pick_device
 from lmforge.models.model import Transformer
-from lmforge.serve.block_manager import BlockManager
-from lmforge.serve.model_runner import Feed, ModelRunner
-from lmforge.serve.sampler import Sampler
-from lmforge.serve.scheduler import Scheduler
-from lmforge.serve.sequence import SamplingParams, Sequence
-from lmforge.serve.speculative import Drafter, speculates, verify, warp
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.model_runner import Feed, ModelRunner
+from lmforge.engine.sampler import Sampler
+from lmforge.engine.scheduler import Scheduler
+from lmforge.engine.sequence import SamplingParams, Sequence
+from lmforge.engine.speculative import Drafter, speculates, verify, warp
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default pool size on CPU; on CUDA a share of the free memory
 
@@ -62,16 +64,17 @@ class _Request:
 class Engine:
     def __init__(self, model_or_path: Transformer | str | Path, tokenizer=None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True, device: torch.device | str = "cpu",
+                 enable_prefix_caching: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, max_model_len: int | None = None,
                  kv_cache_bytes: int | None = None, draft_model: Transformer | str | Path | None = None,
                  num_speculative_tokens: int = 4) -> None:
         from lmforge.models.checkpoint import load_model
 
+        # device None: a model object stays where it is; a checkpoint loads on the CPU.
         if isinstance(model_or_path, Transformer):
-            model = model_or_path.to(device)
+            model = model_or_path if device is None else model_or_path.to(pick_device(device))
         else:
-            model = load_model(model_or_path, dtype=dtype, device=device)
+            model = load_model(model_or_path, dtype=dtype, device=device or "cpu")
             if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
                 from lmforge.data.tokenizer import load_tokenizer
 
@@ -79,8 +82,8 @@ class Engine:
         self.model = model.eval()
         self.draft = None
         if draft_model is not None:
-            draft = draft_model.to(device) if isinstance(draft_model, Transformer) else \
-                load_model(draft_model, dtype=dtype, device=device)
+            draft = draft_model.to(model.device) if isinstance(draft_model, Transformer) else \
+                load_model(draft_model, dtype=dtype, device=model.device)
             if draft.config.vocab_size != model.config.vocab_size:
                 raise LmforgeError(f"draft model vocabulary ({draft.config.vocab_size}) differs from the target's "
                                    f"({model.config.vocab_size}); speculative decoding needs the same tokenizer")
@@ -113,10 +116,14 @@ class Engine:
         if getattr(self, "_grammar_backend", None) is None:
             if self.tokenizer is None:
                 raise LmforgeError("structured output needs a tokenizer")
-            from lmforge.serve.structured import GrammarBackend
+            from lmforge.engine.structured import GrammarBackend
 
             self._grammar_backend = GrammarBackend(self.tokenizer, self.model.config.vocab_size, sorted(self.eos_ids))
         return self._grammar_backend
+
+    def _detokenizer(self) -> IncrementalDecoder:
+        make = getattr(self.tokenizer, "incremental_decoder", None)
+        return make() if make is not None else IncrementalDecoder(self.tokenizer.decode)  # a stand-in tokenizer
 
     def _default_num_blocks(self, block_size: int, max_num_seqs: int, budget: int | None) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, block_size)
@@ -159,6 +166,9 @@ class Engine:
             raise LmforgeError(f"request id {request_id!r} is already in use")
         seqs = [Sequence(next(self._ids), request_id, i, prompt_ids, params, self.model.device)
                 for i in range(params.n)]
+        if self.tokenizer is not None:
+            for seq in seqs:
+                seq.detokenizer = self._detokenizer()
         if params.grammar is not None:
             kind, source = params.grammar
             for seq in seqs:
@@ -283,20 +293,27 @@ class Engine:
         if reason is None and seq.constraint is not None and seq.constraint.done:
             reason = "stop"  # the grammar is complete (its stop token was accepted)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            if seq.detokenizer is not None and reason != "stop_string":
+                seq.text += seq.detokenizer.flush()  # a held-back incomplete character, if any
+            self.scheduler.finish(seq, "stop" if reason == "stop_string" else reason)
         return reason is not None
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        """Stop token, stop string or length. The text grows by the new token's piece (incremental
+        detokenization) and only the tail a new match could touch is searched: O(1) per token in the output
+        length."""
         p = seq.params
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids)
+        if seq.detokenizer is not None:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.add(token)
+            if p.stop and len(seq.text) > before:
+                lookback = max(before - max(len(s) for s in p.stop) + 1, 0)
+                hits = [i for i in (seq.text.find(s, lookback) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[:min(hits)]
+                    return "stop_string"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if p.stop and seq.text:
-            hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[:min(hits)]
-                return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

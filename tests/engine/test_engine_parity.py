@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.models.generate import generate
-from lmforge.serve import Engine, SamplingParams
+from lmforge.engine import Engine, SamplingParams
 
 MAX_NEW = 16
 

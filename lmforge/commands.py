@@ -1,0 +1,34 @@
+"""The subcommand registry: each stage's ``cli`` module registers its commands here with ``@command``.
+
+A bottom module (it imports nothing from lmforge), so a stage registers commands without importing the
+top-level CLI; ``lmforge.cli`` imports the stage modules and builds the parser from ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
+
+# The one --device flag of every command that runs a model.
+DEVICE_FLAG: dict = dict(default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu) | cpu | cuda | cuda:N")
+
+
+def command(name: str, help: str):  # noqa: A002 - argparse's word
+    """Register ``fn(args) -> exit code`` with an ``add_args(parser)`` hook as a subcommand."""
+
+    def wrap(add_args: AddArgs):
+        def register(fn: Run):
+            COMMANDS[name] = (help, add_args, fn)
+            return fn
+
+        return register
+
+    return wrap
+
+
+__all__ = ["COMMANDS", "DEVICE_FLAG", "command"]
