@@ -45,3 +45,16 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 def test_generate_rejects_bad_arguments(mixtral_dir, capsys):
     assert main(["generate", "--model", str(mixtral_dir), "--prompt", "hi", "--top-p", "1.5"]) == 2
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_every_device_flag_defaults_to_auto():
+    import argparse
+
+    from lmforge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_device = {name: next((a.default for a in p._actions if "--device" in a.option_strings), None)
+                   for name, p in sub.choices.items()}
+    with_device = {k: v for k, v in with_device.items() if v is not None}
+    assert {"generate", "serve", "chat", "eval", "pretrain", "sft", "dpo", "rm", "grpo", "ppo"} <= set(with_device)
+    assert set(with_device.values()) == {"auto"}, with_device

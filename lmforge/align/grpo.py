@@ -43,6 +43,10 @@ class GRPOConfig(RLConfig):
         for name in ("prompts_per_step", "group_size", "updates_per_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"GRPO field '{name}' must be positive, got {getattr(self, name)}")
+        if not self.clip_eps > 0:
+            raise ConfigError(f"GRPO field 'clip_eps' must be > 0, got {self.clip_eps}")
+        if self.beta < 0:
+            raise ConfigError(f"GRPO field 'beta' must be >= 0, got {self.beta}")
         if self.group_size < 2:
             raise ConfigError("GRPO field 'group_size' must be >= 2: advantages compare samples within a group")
         rows = self.prompts_per_step * self.group_size

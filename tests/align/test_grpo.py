@@ -121,3 +121,24 @@ def test_cli_resume(tok, tmp_path, capsys):
     assert main(args + ["--steps", "3", "--resume"]) == 0
     assert "(step 3) -> " in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_cli_config_layers(tmp_path):
+    """grpo reads GRPOConfig like every training command: defaults < recipe < key=value < flags given."""
+    from lmforge.align.cli import GRPO_DEFAULTS
+    from lmforge.cli import build_parser
+    from lmforge.train.cli import load_config
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("steps: 7\ngroup_size: 4\nlr: 1.0e-4\n")
+
+    def config(*extra):
+        args = build_parser().parse_args(["grpo", "--model", "m", "--prompts", "p", *extra])
+        return load_config(args, GRPOConfig, GRPO_DEFAULTS)
+
+    cfg = config(str(recipe), "group_size=6")
+    assert (cfg.steps, cfg.group_size, cfg.lr, cfg.prompts_per_step, cfg.device) == (7, 6, 1e-4, 16, "auto")
+    cfg = config(str(recipe), "group_size=6", "--group-size", "2", "--device", "cpu")
+    assert (cfg.steps, cfg.group_size, cfg.device) == (7, 2, "cpu")
+    with pytest.raises(ConfigError, match="clip_eps"):
+        config("clip_eps=-1")
