@@ -1,6 +1,6 @@
 """Per-token cost across one long generation through the engine: does anything grow with the output length?
 
-    python benchmarks/long_generation.py             # 2,000 tokens, ~25M-parameter Llama, real BPE tokenizer
+    python benchmarks/long_generation.py             # 2,000 tokens, ~27M-parameter Llama, real BPE tokenizer
     python benchmarks/long_generation.py --quick     # 400 tokens, smoke run
 
 One request, greedy, with a stop string that never matches, so the engine detokenizes and searches for the

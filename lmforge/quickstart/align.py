@@ -75,6 +75,16 @@ def _problems(skill: str, n: int, seed: int, exclude: set[str]) -> list[dict]:
     return out
 
 
+def _rl_stage(make_trainer, model, tokenizer, test: list[dict], sft_correct: list[float]) -> dict:
+    """Build and run an RL trainer on ``model``, then its held-out accuracy against the SFT model's."""
+    t = time.perf_counter()
+    trainer = make_trainer()
+    history = trainer.fit()
+    return {**compare(correct(greedy_answers(model, tokenizer, test), test), sft_correct), "steps": trainer.cfg.steps,
+            "minutes": (time.perf_counter() - t) / 60,
+            "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
+
+
 def correct(answers: list[str], records: list[dict]) -> list[float]:
     """1.0 where an answer's last number equals its record's reference answer, per record."""
     from lmforge.data.synthetic import exact_match_accuracy
@@ -145,11 +155,8 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
                          group_size=args.group_size, max_new_tokens=16, temperature=1.0, lr=args.grpo_lr,
                          beta=args.grpo_beta, seed=args.seed, save_every=0, updates_per_batch=2,
                          mini_batch_size=_quarter(prompts_per_step * args.group_size))
-        t = time.perf_counter()
-        history = GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo").fit()
-        results["grpo"] = {**compare(correct(greedy_answers(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
-                           "minutes": (time.perf_counter() - t) / 60,
-                           "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
+        results["grpo"] = _rl_stage(lambda: GRPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "grpo"),
+                                    model, tokenizer, test, sft_correct)
         print(f"GRPO ({cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples): "
               f"held-out accuracy {base:.1%} -> {results['grpo']['accuracy']:.1%} ({_gain(results['grpo'])})")
 
@@ -158,11 +165,8 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
         cfg = PPOConfig(steps=args.ppo_steps, rollout_batch_size=args.rollouts, mini_batch_size=_quarter(args.rollouts),
                         ppo_epochs=2, max_new_tokens=16, temperature=1.0, lr=args.ppo_lr, kl_coef=0.02,
                         seed=args.seed, save_every=0, truncated_reward=0.0)
-        t = time.perf_counter()
-        history = PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo").fit()
-        results["ppo"] = {**compare(correct(greedy_answers(model, tokenizer, test), test), sft_correct), "steps": cfg.steps,
-                          "minutes": (time.perf_counter() - t) / 60,
-                          "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"]}
+        results["ppo"] = _rl_stage(lambda: PPOTrainer(model, tokenizer, train, exact_number_match, cfg, out / "ppo"),
+                                   model, tokenizer, test, sft_correct)
         print(f"PPO ({cfg.steps} steps x {cfg.rollout_batch_size} rollouts): held-out accuracy "
               f"{base:.1%} -> {results['ppo']['accuracy']:.1%} ({_gain(results['ppo'])})")
 
