@@ -51,6 +51,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models import generate_stream, load_model
+    from lmforge.models.generate import default_eos_ids
 
     if args.max_new_tokens <= 0:
         raise LmforgeError("--max-new-tokens must be positive")
@@ -70,23 +71,40 @@ def generate_cmd(args: argparse.Namespace) -> int:
     if len(ids) + args.max_new_tokens > limit:
         raise LmforgeError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
                            f"exceeds the model's context length {limit}")
+    stops = list(dict.fromkeys([*tokenizer.eos_ids, *default_eos_ids(model)]))
     decoder = tokenizer.incremental_decoder()
-    start, count = time.perf_counter(), 0
     if not args.chat:
         sys.stdout.write(args.prompt)
+    # The first token comes out of the prompt's forward pass (prefill); each later one is a decode step.
+    start = time.perf_counter()
+    first = end = start
+    steps = 0
     for token in generate_stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 eos_ids=tokenizer.eos_ids, seed=args.seed):
+                                 eos_ids=stops, seed=args.seed):
         tid = int(token[0])
-        if tid in tokenizer.eos_ids:
+        end = time.perf_counter()
+        if steps == 0:
+            first = end
+        steps += 1
+        if tid in stops:
             break
-        count += 1
         sys.stdout.write(decoder.add(tid))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
-    elapsed = time.perf_counter() - start
-    print(f"[{count} tokens in {elapsed:.2f}s, {count / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    print(generation_rates(len(ids), first - start, steps, end - first), file=sys.stderr)
     return 0
+
+
+def generation_rates(prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: float) -> str:
+    """The timing line, prefill and decode apart: the prompt's forward pass (which also yields the first new
+    token) in prompt tokens per second, then the one-token decode steps that made the other new tokens."""
+    def rate(n: int, s: float) -> str:
+        return f"{n / s:.1f} tokens/s" if n and s > 0 else "- tokens/s"
+
+    decoded = max(new_tokens - 1, 0)
+    return (f"[prefill: {prompt_tokens} tokens in {prefill_s:.2f}s, {rate(prompt_tokens, prefill_s)}; "
+            f"decode: {decoded} tokens in {decode_s:.2f}s, {rate(decoded, decode_s)}; {new_tokens} new tokens]")
 
 
 # ---- entry point -------------------------------------------------------------------------------

@@ -58,3 +58,83 @@ def test_every_device_flag_defaults_to_auto():
     with_device = {k: v for k, v in with_device.items() if v is not None}
     assert {"generate", "serve", "chat", "eval", "pretrain", "sft", "dpo", "rm", "grpo", "ppo"} <= set(with_device)
     assert set(with_device.values()) == {"auto"}, with_device
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    from .serve.tiny_server import save_tiny_chat_model
+
+    return save_tiny_chat_model(tmp_path_factory.mktemp("chat") / "m")
+
+
+def test_generate_reports_prefill_and_decode_rates_apart(chat_dir, capsys):
+    import re
+
+    from lmforge.data.tokenizer import load_tokenizer
+
+    assert main(["generate", "--model", str(chat_dir), "--prompt", "the quick brown", "--max-new-tokens", "6",
+                 "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err.strip()
+    m = re.fullmatch(r"\[prefill: (\d+) tokens in \d+\.\d\ds, (?:\d+\.\d|-) tokens/s; "
+                     r"decode: (\d+) tokens in \d+\.\d\ds, (?:\d+\.\d|-) tokens/s; (\d+) new tokens\]", err)
+    assert m, err
+    prefill, decoded, new = map(int, m.groups())
+    assert prefill == len(load_tokenizer(chat_dir).encode("the quick brown"))
+    assert 1 <= new <= 6 and decoded == new - 1
+
+
+def test_generation_rates_line():
+    from lmforge.cli import generation_rates
+
+    assert generation_rates(100, 0.5, 33, 2.0) == \
+        "[prefill: 100 tokens in 0.50s, 200.0 tokens/s; decode: 32 tokens in 2.00s, 16.0 tokens/s; 33 new tokens]"
+    assert generation_rates(4, 0.01, 1, 0.0).endswith("decode: 0 tokens in 0.00s, - tokens/s; 1 new tokens]")
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi", "--model"], ["chat", "--model"],
+                                  ["serve", "--model"], ["inspect"]])
+def test_a_gguf_file_is_one_clear_line(argv, tmp_path, capsys):
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert main([*argv, str(gguf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{gguf} is a file, not a model directory: GGUF files are not supported yet" in err
+
+
+def test_load_model_and_load_tokenizer_name_a_gguf_file(tmp_path):
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.errors import CheckpointError
+    from lmforge.models.checkpoint import load_model
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(CheckpointError, match="not a model directory: GGUF files are not supported yet"):
+            load(gguf)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a tokenizer directory"):
+        load_tokenizer(other)
+
+
+def test_generate_chat_and_serve_take_dtype(chat_dir, monkeypatch):
+    import torch
+
+    import lmforge.serve.cli
+    import lmforge.serve.server
+    from lmforge.cli import build_parser
+
+    for name in ("generate", "chat", "serve"):
+        extra = ["--prompt", "hi"] if name == "generate" else []
+        args = build_parser().parse_args([name, "--model", str(chat_dir), *extra, "--dtype", "bfloat16"])
+        assert args.dtype == "bfloat16"
+        assert build_parser().parse_args([name, "--model", str(chat_dir), *extra]).dtype == "float32"
+
+    seen = {}
+    monkeypatch.setattr(lmforge.serve.cli, "chat_loop",
+                        lambda model, tokenizer, **kw: seen.update(chat=model.dtype) or 0)
+    monkeypatch.setattr(lmforge.serve.server, "serve", lambda path, **kw: seen.update(serve=kw["dtype"]))
+    assert main(["chat", "--model", str(chat_dir), "--dtype", "bfloat16"]) == 0
+    assert main(["serve", "--model", str(chat_dir), "--dtype", "float16"]) == 0
+    assert seen == {"chat": torch.bfloat16, "serve": torch.float16}

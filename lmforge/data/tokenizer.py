@@ -184,6 +184,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_file() and path.name == "tokenizer.json":
         path = path.parent
     tok_file = path / "tokenizer.json"
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{path} is a file, not a model directory: GGUF files are not supported yet; give a "
+                              "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a tokenizer directory (expected a directory with tokenizer.json)")
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory {path} does not exist")
     if not tok_file.is_file():

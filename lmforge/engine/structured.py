@@ -3,6 +3,7 @@
 xgrammar compiles the grammar against the tokenizer's vocabulary once; per sequence a matcher tracks the
 grammar state and fills a token bitmask before each sample, so only tokens that keep the output valid can
 be drawn. Compiled grammars are cached by their source, so many requests with one schema compile once.
+Object properties come out in the order the schema declares them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class GrammarBackend:
     def constraint(self, kind: str, source: Any) -> "Constraint":
         if kind == "json_schema":
             if isinstance(source, dict):
-                source = json.dumps(source, sort_keys=True)
+                # Keep the declared key order: xgrammar emits properties in the order the schema lists them
+                # (as OpenAI does), so sorting here would reorder the output. The text is also the cache key.
+                source = json.dumps(source, separators=(",", ":"))
             try:
                 json.loads(source)
             except (TypeError, json.JSONDecodeError) as e:

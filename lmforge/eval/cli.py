@@ -24,13 +24,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="bootstrap and sampling seed")
     p.add_argument("--bootstrap-iters", type=int, default=1000)
     p.add_argument("--log-samples", action="store_true", help="keep per-document outputs in the JSON")
+    p.add_argument("--task-option", action="append", default=[], metavar="[TASK:]KEY=VALUE",
+                   help="override a task field for this run (repeatable; VALUE is YAML): chat=true renders "
+                        "prompts through the model's chat template; also system, fewshot, fewshot_seed, "
+                        "max_new_tokens, stop, temperature, samples, k, timeout_s, memory_mb. Without TASK: "
+                        "every task it applies to. The result is named e.g. larger[chat=true]")
 
 
 @command("eval", "evaluate models on log-likelihood, generative, perplexity and code tasks")(_eval_args)
 def eval_cmd(args: argparse.Namespace) -> int:
     from lmforge.errors import LmforgeError
     from lmforge.eval.runner import evaluate, markdown_table, write_report
-    from lmforge.eval.tasks import builtin_tasks
+    from lmforge.eval.tasks import builtin_tasks, parse_task_options
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
@@ -45,7 +50,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
     report = evaluate(args.model, names, limit=args.limit, batch_size=args.batch_size, device=args.device,
                       dtype=args.dtype, bootstrap_iters=args.bootstrap_iters, seed=args.seed,
-                      log_samples=args.log_samples, progress=progress)
+                      log_samples=args.log_samples, progress=progress,
+                      task_options=parse_task_options(args.task_option))
     table = markdown_table(report)
     print(table)
     if args.output:

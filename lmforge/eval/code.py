@@ -18,6 +18,7 @@ native code already loaded into the interpreter could still reach the network, a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,10 +131,67 @@ def run_programs(sources: Sequence[str], timeout_s: float = 5.0, memory_mb: int 
         return list(pool.map(lambda s: run_program(s, timeout_s, memory_mb), sources))
 
 
+_FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w+.-]*)[^\n]*$", re.MULTILINE)
+_PYTHON_TAGS = ("", "python", "python3", "py")
+
+
+def extract_code(completion: str) -> str:
+    """The program in a completion: the code of its Markdown fence (```python ... ```) if it has one.
+
+    * no fence line: the completion unchanged (a plain continuation of the prompt);
+    * the first fence closes an implicit block (a bare fence after indented code, or after any code
+      when no other fence follows): the text before it, as a continuation of the prompt;
+    * otherwise the first block tagged python/py (or untagged, else any), up to its closing fence or the
+      end of the text when generation stopped inside the block. Prose around the fence is dropped.
+    """
+    fences = list(_FENCE.finditer(completion))
+    if not fences:
+        return completion
+    first = fences[0]
+    before = completion[:first.start()]
+    if before.strip() and not first.group(2):
+        lead = next(line for line in before.splitlines() if line.strip())
+        if len(fences) == 1 or lead[:1] in (" ", "\t"):
+            return before
+    blocks = []  # (tag, code) of each opening fence and what follows it up to its closing fence
+    i = 0
+    while i < len(fences):
+        opening = fences[i]
+        closing = next((f for f in fences[i + 1:] if f.group(1)[0] == opening.group(1)[0]
+                        and len(f.group(1)) >= len(opening.group(1)) and not f.group(2)), None)
+        end = closing.start() if closing else len(completion)
+        blocks.append((opening.group(2).lower(), completion[opening.end() + 1:end]))
+        if closing is None:
+            break
+        i = fences.index(closing) + 1
+    for tag, code in blocks:
+        if tag in _PYTHON_TAGS:
+            return code
+    return blocks[0][1]
+
+
+def _compiles(source: str) -> bool:
+    try:  # compiling model output runs none of it
+        compile(source, "solution.py", "exec")
+        return True
+    except Exception:  # SyntaxError, ValueError (NUL bytes), RecursionError/MemoryError on odd nesting
+        return False
+
+
 def build_program(prompt: str, completion: str, tests: str, entry_point: str | None = None) -> str:
-    """The script that decides a sample: prompt + completion, the tests, then ``check(entry_point)``
-    when the tests follow the HumanEval convention of defining ``check(candidate)``."""
-    program = f"{prompt}{completion}\n\n{tests}\n"
+    """The script that decides a sample: the code, the tests, then ``check(entry_point)`` when the tests
+    follow the HumanEval convention of defining ``check(candidate)``.
+
+    The code is ``prompt + completion``, except for a completion with a Markdown fence (a chat reply),
+    whose fenced code (:func:`extract_code`) is used: indented code continues the prompt's function body;
+    a whole definition follows the prompt (whose imports stay in scope and whose stub it replaces), or,
+    when that does not compile (a prompt ending mid-statement), stands alone."""
+    code = extract_code(completion)
+    if code == completion or code.lstrip("\r\n")[:1] in (" ", "\t") or not code.strip():
+        source = f"{prompt}{code}"
+    else:
+        source = f"{prompt}\n{code}" if _compiles(f"{prompt}\n{code}") else code
+    program = f"{source}\n\n{tests}\n"
     if entry_point:
         program += f"\ncheck({entry_point})\n"
     return program

@@ -13,8 +13,8 @@ import numpy as np
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.eval import scoring
-from lmforge.eval.code import build_program, pass_at_k, run_programs
-from lmforge.eval.tasks import Task, resolve_task
+from lmforge.eval.code import build_program, extract_code, pass_at_k, run_programs
+from lmforge.eval.tasks import Task, resolve_tasks
 
 
 class Evaluator:
@@ -32,10 +32,7 @@ class Evaluator:
         return range(len(task.docs) if self.limit is None else min(self.limit, len(task.docs)))
 
     def _context(self, task: Task, i: int) -> str:
-        ctx = task.context(i)
-        if task.chat:
-            ctx, _ = self.tokenizer.render_chat([{"role": "user", "content": ctx}], add_generation_prompt=True)
-        return ctx
+        return task.context(i, self.tokenizer)  # chat tasks go through the tokenizer's chat template
 
     def _stderr(self, values: Any, aggregate: Any = None) -> float:
         return scoring.bootstrap_stderr(values, aggregate, iters=self.bootstrap_iters, seed=self.seed)
@@ -108,8 +105,8 @@ class Evaluator:
                                           self.batch_size, task.temperature, self.seed + 1000 * s)
             for j, text in enumerate(outs):
                 completions[j].append(text)
-        programs = [build_program(task.render(task.docs[i]), c, str(task.docs[i][task.target]), task.entry_point)
-                    for j, i in enumerate(idx) for c in completions[j]]
+        programs = [build_program(task.program_prefix(task.docs[i]), c, str(task.docs[i][task.target]),
+                                  task.entry_point) for j, i in enumerate(idx) for c in completions[j]]
         results = run_programs(programs, task.timeout_s, task.memory_mb)
         per_doc = {f"pass@{k}": [] for k in task.k}
         samples = []
@@ -118,7 +115,8 @@ class Evaluator:
             c = sum(r.passed for r in mine)
             for k in task.k:
                 per_doc[f"pass@{k}"].append(pass_at_k(task.samples, c, k))
-            samples.append({"doc": i, "completions": completions[j], "status": [r.status for r in mine],
+            samples.append({"doc": i, "completions": completions[j], "code": [extract_code(c) for c in completions[j]],
+                            "status": [r.status for r in mine],
                             "detail": [r.detail for r in mine], "passed": c})
         return self._means(per_doc), samples
 
@@ -133,8 +131,13 @@ class Evaluator:
 # ---- many models, many tasks -------------------------------------------------------------------
 def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: int | None = None,
              batch_size: int = 16, device: str = "auto", dtype: str = "float32", bootstrap_iters: int = 1000,
-             seed: int = 1234, log_samples: bool = False, progress: Any = None) -> dict[str, Any]:
-    """Evaluate each model on each task; returns {"config", "results": {model: {task: metrics}}}."""
+             seed: int = 1234, log_samples: bool = False, progress: Any = None,
+             task_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate each model on each task; returns {"config", "results": {model: {task: metrics}}}.
+
+    ``task_options`` overrides task fields for this run (see :func:`lmforge.eval.tasks.resolve_tasks`), e.g.
+    ``{"chat": True}`` or ``{"code": {"max_new_tokens": 512}}``; results are keyed by the task's name,
+    which then records the options (``larger[chat=true]``)."""
     import torch
 
     from lmforge.data.tokenizer import load_tokenizer
@@ -144,7 +147,7 @@ def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: in
         raise ConfigError("no model given")
     if not task_names:
         raise ConfigError("no task given")
-    tasks = [resolve_task(t) for t in task_names]  # validate every task before loading any model
+    tasks = resolve_tasks(task_names, task_options)  # validate every task before loading any model
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     results: dict[str, Any] = {}
@@ -156,7 +159,7 @@ def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: in
         label = _unique_label(str(path), results)
         results[label] = {}
         for task in tasks:
-            if task.chat and tokenizer.chat_template is None:
+            if task.chat and getattr(tokenizer, "chat_template", None) is None:
                 raise LmforgeError(f"task {task.name} ({task.source}) uses chat: true but {path} has no chat template")
             results[label][task.name] = ev.run(task)
             if progress:
@@ -165,6 +168,8 @@ def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: in
     config = {"models": list(model_paths), "tasks": [t.name for t in tasks], "limit": limit,
               "batch_size": batch_size, "device": device, "dtype": dtype, "seed": seed,
               "bootstrap_iters": bootstrap_iters}
+    if task_options:
+        config["task_options"] = dict(task_options)
     return {"config": config, "results": results}
 
 

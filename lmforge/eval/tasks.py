@@ -15,13 +15,25 @@ A task file looks like::
 
 ``generate`` tasks add ``answer_regex`` (first capture group, or the whole match), ``answer_pick``
 (first|last match), ``max_new_tokens`` and ``stop``; ``code`` tasks add ``entry_point``, ``samples``,
-``k``, ``timeout_s`` and ``memory_mb``; ``chat: true`` wraps the prompt as a user turn.
+``k``, ``timeout_s``, ``memory_mb`` and ``code_prefix`` (the template of the code the completion is
+appended to; default: the prompt).
+
+``chat: true`` renders the model input through the tokenizer's chat template
+(``apply_chat_template(..., add_generation_prompt=True)``): an optional ``system`` message, each few-shot
+example as a user turn and an assistant turn holding its answer, then the prompt as the last user turn.
+Multiple-choice answers are then scored as the start of the assistant's reply (``target_delimiter``
+defaults to ``""``).
+
+A run can override some fields of any task without editing its file (:data:`RUN_OPTIONS`;
+``lmforge eval --task-option [TASK:]KEY=VALUE``); the task's name then records them, e.g.
+``larger[chat=true]``.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +42,7 @@ import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import iter_jsonl
 
 TaskType = Literal["multiple_choice", "generate", "perplexity", "code"]
@@ -52,7 +64,17 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 _KNOWN = {"name", "type", "data", "fewshot_data", "prompt", "choices", "target", "fewshot", "fewshot_seed",
           "fewshot_delimiter", "target_delimiter", "metrics", "answer_regex", "answer_pick", "max_new_tokens",
-          "stop", "chat", "entry_point", "samples", "k", "timeout_s", "memory_mb", "temperature", "description"}
+          "stop", "chat", "entry_point", "samples", "k", "timeout_s", "memory_mb", "temperature", "description",
+          "system", "code_prefix"}
+_NOT_PERPLEXITY = ("multiple_choice", "generate", "code")
+_GENERATIVE = ("generate", "code")
+# Fields a run may override (``--task-option``), and the task types each one means something for.
+RUN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "chat": _NOT_PERPLEXITY, "system": _NOT_PERPLEXITY, "fewshot": _NOT_PERPLEXITY,
+    "fewshot_seed": _NOT_PERPLEXITY, "max_new_tokens": _GENERATIVE, "stop": _GENERATIVE,
+    "temperature": _GENERATIVE, "samples": ("code",), "k": ("code",), "timeout_s": ("code",),
+    "memory_mb": ("code",),
+}
 
 _JINJA = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
@@ -86,6 +108,8 @@ class Task:
     timeout_s: float = 5.0
     memory_mb: int = 512
     description: str = ""
+    system: str | None = None  # chat tasks: a system message before the turns
+    code_prefix: str | None = None  # code tasks: template of the code the completion continues (default: prompt)
 
     # ---- prompts -------------------------------------------------------------------------------
     def render(self, doc: dict[str, Any]) -> str:
@@ -132,11 +156,32 @@ class Task:
             raise ConfigError(f"{self.source}: fewshot={self.fewshot} but only {len(pool)} examples available")
         return rng.sample(pool, self.fewshot)
 
-    def context(self, index: int) -> str:
-        """Few-shot examples then the prompt of ``docs[index]``, joined as lm-eval joins them."""
+    def context(self, index: int, tokenizer: Any = None) -> str:
+        """The model input for ``docs[index]``: few-shot examples then its prompt, joined as lm-eval joins
+        them; for a chat task, :meth:`messages` rendered by ``tokenizer``'s chat template."""
+        if self.chat:
+            if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+                raise LmforgeError(f"task {self.name} ({self.source}) uses chat: true, which needs a tokenizer "
+                                   "with a chat template")
+            return tokenizer.apply_chat_template(self.messages(index), add_generation_prompt=True, tokenize=False)
         parts = [self.render(s) + self.target_delimiter + self.gold_text(s) for s in self.shots(index)]
         parts.append(self.render(self.docs[index]))
         return self.fewshot_delimiter.join(parts)
+
+    def messages(self, index: int) -> list[dict[str, str]]:
+        """The chat of ``docs[index]``: system message, one user/assistant exchange per shot, the prompt."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for shot in self.shots(index):
+            msgs += [{"role": "user", "content": self.render(shot)},
+                     {"role": "assistant", "content": self.gold_text(shot)}]
+        msgs.append({"role": "user", "content": self.render(self.docs[index])})
+        return msgs
+
+    def program_prefix(self, doc: dict[str, Any]) -> str:
+        """Code tasks: the code a completion is appended to (``code_prefix``, else the prompt)."""
+        if self.code_prefix is not None:
+            return render_template(self.code_prefix, doc, self.source)
+        return self.render(doc)
 
     def extract(self, text: str) -> str | None:
         """The answer in a generation: the regex's first group (or whole match), else the stripped text."""
@@ -214,8 +259,9 @@ def compile_regex(pattern: Any, source: Path, key: str = "answer_regex") -> re.P
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def load_task(path: str | Path) -> Task:
-    """Read and validate one task YAML file (and its data)."""
+def load_task(path: str | Path, options: Mapping[str, Any] | None = None) -> Task:
+    """Read and validate one task YAML file (and its data); ``options`` override fields of the file (only
+    :data:`RUN_OPTIONS`, each for the task types it applies to); those that change it extend the task's name."""
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"task file {source} does not exist")
@@ -225,6 +271,10 @@ def load_task(path: str | Path) -> Task:
         raise ConfigError(f"{source}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a task file must be a YAML mapping")
+    options = dict(options or {})
+    _check_options(options, raw.get("type"), source)
+    changed = {k: v for k, v in options.items() if k not in raw or raw[k] != v}  # what the name records
+    raw.update(options)
     kind = raw.get("type")
     if kind not in TASK_TYPES:
         if "type" not in raw:
@@ -259,6 +309,18 @@ def load_task(path: str | Path) -> Task:
         raise ConfigError(f"{source}: field 'answer_pick' must be 'first' or 'last', got {pick!r}")
     stop = _typed(raw, "stop", (list, str), source, [])
     stop = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+    chat = _typed(raw, "chat", bool, source, False)
+    if chat and kind == "perplexity":
+        raise ConfigError(f"{source}: field 'chat' does not apply to perplexity tasks (they score raw text)")
+    system = _typed(raw, "system", str, source, None)
+    if system is not None and not chat:
+        raise ConfigError(f"{source}: field 'system' needs chat: true")
+    code_prefix = _typed(raw, "code_prefix", str, source, None)
+    if code_prefix is not None and kind != "code":
+        raise ConfigError(f"{source}: field 'code_prefix' is for code tasks only")
+    name = str(raw["name"])
+    if changed:
+        name += "[" + ",".join(f"{k}={_option_text(v)}" for k, v in sorted(changed.items())) + "]"
 
     data = source.parent / str(raw["data"])
     docs = read_jsonl(data, source)
@@ -267,18 +329,18 @@ def load_task(path: str | Path) -> Task:
         fewshot_docs = read_jsonl(source.parent / str(raw["fewshot_data"]), source)
 
     task = Task(
-        name=str(raw["name"]), type=kind, source=source, docs=docs,
+        name=name, type=kind, source=source, docs=docs,
         prompt=_typed(raw, "prompt", str, source, None), target=str(raw["target"]),
         choices=raw.get("choices"), fewshot=fewshot, fewshot_seed=_typed(raw, "fewshot_seed", int, source, 1234),
         fewshot_docs=fewshot_docs, fewshot_delimiter=_typed(raw, "fewshot_delimiter", str, source, "\n\n"),
-        target_delimiter=_typed(raw, "target_delimiter", str, source, " "), metrics=list(metrics),
+        target_delimiter=_typed(raw, "target_delimiter", str, source, "" if chat else " "), metrics=list(metrics),
         answer_regex=compile_regex(raw["answer_regex"], source) if raw.get("answer_regex") is not None else None,
         answer_pick=pick, max_new_tokens=_typed(raw, "max_new_tokens", int, source, 32), stop=stop,
-        chat=_typed(raw, "chat", bool, source, False), entry_point=_typed(raw, "entry_point", str, source, None),
+        chat=chat, entry_point=_typed(raw, "entry_point", str, source, None),
         samples=samples, k=ks, temperature=temperature,
         timeout_s=float(_typed(raw, "timeout_s", (int, float), source, 5.0)),
         memory_mb=_typed(raw, "memory_mb", int, source, 512),
-        description=_typed(raw, "description", str, source, ""),
+        description=_typed(raw, "description", str, source, ""), system=system, code_prefix=code_prefix,
     )
     _check_first_doc(task)
     return task
@@ -289,6 +351,8 @@ def _check_first_doc(task: Task) -> None:
     doc = task.docs[0]
     if task.prompt is not None:
         task.render(doc)
+    if task.code_prefix is not None:
+        task.program_prefix(doc)
     _field(doc, task.target, task.source)
     if task.type == "multiple_choice":
         task.gold_index(doc)
@@ -304,13 +368,97 @@ def builtin_tasks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
 
 
-def resolve_task(name_or_path: str) -> Task:
-    """A built-in task name or a path to a task YAML file."""
+def resolve_task(name_or_path: str, options: Mapping[str, Any] | None = None) -> Task:
+    """A built-in task name or a path to a task YAML file, with run ``options`` (see :func:`load_task`)."""
     builtin = builtin_tasks()
     if name_or_path in builtin:
-        return load_task(builtin[name_or_path])
+        return load_task(builtin[name_or_path], options)
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        return load_task(path)
+        return load_task(path, options)
     raise ConfigError(f"unknown task {name_or_path!r}: not a built-in task ({', '.join(builtin) or 'none'}) "
                       "nor a task YAML file")
+
+
+# ---- run options -------------------------------------------------------------------------------
+def _check_options(options: Mapping[str, Any], kind: Any, source: Path) -> None:
+    for key in options:
+        if key not in RUN_OPTIONS:
+            raise ConfigError(f"unknown task option {key!r} for {source.name} (options: {', '.join(RUN_OPTIONS)})")
+        if kind in TASK_TYPES and kind not in RUN_OPTIONS[key]:
+            raise ConfigError(f"task option {key!r} does not apply to {source.name}, a {kind} task "
+                              f"(it applies to {', '.join(RUN_OPTIONS[key])} tasks)")
+
+
+def _option_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def parse_task_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` (every task it applies to) or ``TASK:KEY=VALUE`` strings, values read as YAML
+    (``true``, ``3``, ``[]``, text; ``system`` is taken as text) -> the ``options`` of :func:`resolve_tasks`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        left, eq, text = item.partition("=")
+        task, colon, key = left.strip().rpartition(":")
+        if not eq or not key:
+            raise ConfigError(f"task option {item!r} is not KEY=VALUE or TASK:KEY=VALUE")
+        if key not in RUN_OPTIONS:
+            raise ConfigError(f"unknown task option {key!r} (options: {', '.join(RUN_OPTIONS)})")
+        if key == "system" or not text.strip():  # free text: "Be brief: no prose" is not a mapping
+            value: Any = text
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = text
+        if colon:
+            if not task:
+                raise ConfigError(f"task option {item!r}: empty task name before ':'")
+            per_task = out.setdefault(task, {})
+            if not isinstance(per_task, dict):
+                raise ConfigError(f"task option {item!r}: {task!r} is an option name, not a task")
+            per_task[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_tasks(names: Sequence[str], options: Mapping[str, Any] | None = None) -> list[Task]:
+    """Tasks with run options. ``options`` maps option names to values for every task they apply to
+    (an option that applies to none of them is an error), and task names (as given in ``names``) to
+    mappings of options for that task alone, which win over the run-wide ones; e.g.
+    ``{"chat": True, "code": {"max_new_tokens": 512}}``."""
+    options = dict(options or {})
+    shared = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
+    per_task = {k: dict(v) for k, v in options.items() if isinstance(v, Mapping)}
+    for key in shared:
+        if key not in RUN_OPTIONS:
+            raise ConfigError(f"unknown task option {key!r} (options: {', '.join(RUN_OPTIONS)}; "
+                              f"or a task name mapped to options: {', '.join(names)})")
+    missing = sorted(set(per_task) - set(names))
+    if missing:
+        raise ConfigError(f"task options for {', '.join(map(repr, missing))}, which is not among the tasks "
+                          f"({', '.join(names)})")
+    tasks, used = [], set()
+    for name in names:
+        kind = _peek_type(name)
+        mine = {k: v for k, v in shared.items() if kind is None or kind in RUN_OPTIONS[k]}
+        used |= set(mine)
+        mine.update(per_task.get(name, {}))
+        tasks.append(resolve_task(name, mine))
+    unused = sorted(set(shared) - used)
+    if unused:
+        raise ConfigError(f"task option(s) {', '.join(map(repr, unused))} apply to none of the tasks "
+                          f"({', '.join(names)})")
+    return tasks
+
+
+def _peek_type(name_or_path: str) -> Any:
+    """The ``type`` of a task file, or None when it cannot be read (then loading reports why)."""
+    path = builtin_tasks().get(name_or_path, Path(name_or_path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return raw.get("type") if isinstance(raw, dict) else None

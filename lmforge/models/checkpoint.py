@@ -119,8 +119,28 @@ def weight_map(config: Config) -> list[TensorMap]:
 
 
 # ---- reading -----------------------------------------------------------------------------------
+GGUF_UNSUPPORTED = ("{path} is a file, not a model directory: GGUF files are not supported yet; give a Hugging Face "
+                    "model directory (config.json, safetensors, tokenizer.json)")
+
+
+def read_generation_config(path: str | os.PathLike) -> dict | None:
+    """The directory's ``generation_config.json`` as a dict, or None when it has none."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def read_config(path: str | os.PathLike) -> Config:
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise CheckpointError(GGUF_UNSUPPORTED.format(path=path))
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     cfg_file = path / "config.json"
@@ -191,10 +211,13 @@ def _normalise_names(config: Config, names: set[str]) -> dict[str, str]:
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> Transformer:
     """Load a local Hugging Face model directory (config.json + safetensors) into our Transformer.
-    ``device``: a torch device or a name ``pick_device`` takes (``auto`` included)."""
+    ``device``: a torch device or a name ``pick_device`` takes (``auto`` included).
+    A ``generation_config.json`` there becomes ``model.generation_config`` (a dict): ``generate`` stops at its
+    ``eos_token_id`` by default and ``save_model`` writes it back."""
     device = pick_device(device)
     path = Path(path)
     config = read_config(path)
+    generation_config = read_generation_config(path)
     source = _TensorSource(path)
     names = _normalise_names(config, source.names())
 
@@ -229,6 +252,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if generation_config is not None:
+        model.generation_config = generation_config
     return model.eval()
 
 
@@ -288,8 +313,10 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
                 index["weight_map"].update({name: fname for name in shard})
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(model.config, k) is not None}
+        gen = getattr(model, "generation_config", None)  # the loaded checkpoint's, kept as it was
+        if not isinstance(gen, dict) or not gen:
+            gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if getattr(model.config, k) is not None}
         if gen:
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
@@ -297,4 +324,5 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
     return path
 
 
-__all__ = ["load_model", "save_model", "read_config", "weight_map", "hf_state_dict", "atomic_file"]
+__all__ = ["load_model", "save_model", "read_config", "read_generation_config", "weight_map", "hf_state_dict",
+           "atomic_file"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -21,6 +21,26 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _ids(value: Any) -> list[int]:
+    """An ``eos_token_id`` field (an int, a list of ints, or null) as a list."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [i for i in value if isinstance(i, int) and not isinstance(i, bool)]
+    return []
+
+
+def default_eos_ids(model: Transformer) -> list[int]:
+    """The ids that end a reply by default: ``eos_token_id`` of the checkpoint's ``generation_config.json``
+    (often a list with the end-of-turn token, e.g. ``<|im_end|>`` or ``<|eot_id|>``; ``load_model`` keeps
+    it as ``model.generation_config``) followed by ``config.json``'s, without repeats."""
+    generation_config = getattr(model, "generation_config", None) or {}
+    found = _ids(generation_config.get("eos_token_id")) + _ids(model.config.eos_token_id)
+    return [i for i in dict.fromkeys(found) if 0 <= i < model.config.vocab_size]
+
+
 _COMPILED: "weakref.WeakKeyDictionary[Transformer, Callable]" = weakref.WeakKeyDictionary()
 COMPILE_BUCKET = 256  # compiled decoding rounds the cache length up to this, so few lengths get traced
 
@@ -36,10 +56,12 @@ def compiled_forward(model: Transformer) -> Callable:
 @torch.inference_mode()
 def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None,
                     max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, eos_ids: set[int] | list[int] | None = None,
+                    top_p: float | None = None, eos_ids: Iterable[int] | None = None,
                     seed: int | None = None, compile: bool = False) -> Iterator[Tensor]:
     """Yield the next token of every row ([B] tensor) per step; stops when all rows hit EOS.
 
+    ``eos_ids``: the ids that end a row; None (the default) means the model's own end-of-sequence and
+    end-of-turn ids (``default_eos_ids``), an empty list or tuple means none (always ``max_new_tokens``).
     Rows that finished keep yielding their EOS id so shapes stay rectangular.
     ``input_ids`` [B, T] is left-padded where ``attention_mask`` is 0.
     ``compile``: run the one-token decode step through ``torch.compile`` (the first call per model and cache
@@ -57,7 +79,9 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    eos = torch.tensor(sorted(eos_ids or []), device=device, dtype=torch.long)
+    if eos_ids is None:
+        eos_ids = default_eos_ids(model)
+    eos = torch.tensor(list(dict.fromkeys(int(i) for i in eos_ids)), device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     cache_len = t + max_new_tokens
     compiled = None

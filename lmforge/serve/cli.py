@@ -16,6 +16,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: directory name)")
     p.add_argument("--device", **DEVICE_FLAG)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (default float32)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -23,16 +25,22 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="smaller model with the same tokenizer for speculative decoding (HF directory)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, running requests get this long to finish, then are aborted (503) and "
+                        "the server exits (default 5)")
 
 
 @command("serve", "OpenAI-compatible HTTP server (chat, completions, streaming) over the batching engine")(_serve_args)
 def serve_cmd(args: argparse.Namespace) -> int:
+    import torch
+
     from lmforge.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name,
           device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-          draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
+          draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+          dtype=getattr(torch, args.dtype), shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -44,9 +52,11 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", **DEVICE_FLAG)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
-@command("chat", "chat with a model in the terminal (its chat template; /reset clears, /quit or Ctrl-D leaves)")(_chat_args)
+@command("chat", "chat with a model in the terminal (its chat template; /reset clears, Ctrl-C stops a reply, "
+                 "/quit, Ctrl-D or Ctrl-C at the prompt leaves)")(_chat_args)
 def chat_cmd(args: argparse.Namespace) -> int:
     import sys
 
@@ -54,44 +64,91 @@ def chat_cmd(args: argparse.Namespace) -> int:
 
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.errors import LmforgeError
-    from lmforge.models import generate_stream, load_model
+    from lmforge.models import load_model
 
     tokenizer = load_tokenizer(args.model)
     if tokenizer.chat_template is None:
         raise LmforgeError(f"{args.model} has no chat template; use `lmforge generate` instead")
-    model = load_model(args.model, device=args.device)
-    start = [{"role": "system", "content": args.system}] if args.system else []
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    return chat_loop(model, tokenizer, read=_read_terminal if sys.stdin.isatty() else _read_piped,
+                     system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed)
+
+
+def _read_terminal(prompt: str) -> str:
+    print()
+    return input(prompt)
+
+
+def _read_piped(prompt: str) -> str:
+    """``input`` for piped stdin: no prompt shown, EOFError at the end."""
+    import sys
+
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None, max_new_tokens: int = 256,
+              temperature: float = 0.7, top_p: float | None = 0.95, seed: int | None = None) -> int:
+    """The terminal chat. ``read(prompt)`` returns the next line as ``input`` does (EOFError on Ctrl-D,
+    KeyboardInterrupt on Ctrl-C); replies go to ``out`` (default stdout). Ctrl-C during a reply stops it and
+    returns to the prompt (the words shown stay in the conversation); Ctrl-D or Ctrl-C at the prompt, /quit
+    or /exit leave with 0."""
+    import sys
+
+    import torch
+
+    from lmforge.models import generate_stream
+    from lmforge.models.generate import default_eos_ids
+
+    out = out or sys.stdout
+    stops = list(dict.fromkeys([*tokenizer.eos_ids, *default_eos_ids(model)]))
+    start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    interactive = sys.stdin.isatty()
     while True:
-        if interactive:
-            sys.stdout.write("\nyou> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/quit", "/exit"):
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")  # leave the shell's prompt on a line of its own
+            out.flush()
+            return 0
+        if line.strip() in ("/quit", "/exit"):
             return 0
         if line.strip() == "/reset":
             messages = list(start)
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "user", "content": line})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         room = model.config.max_position_embeddings - len(ids)
         if room <= 0:
-            print("[the conversation is longer than the model's context; /reset to start over]")
+            out.write("[the conversation is longer than the model's context; /reset to start over]\n")
             messages.pop()
             continue
-        decoder, reply = tokenizer.incremental_decoder(), []
-        sys.stdout.write("model> ")
-        for token in generate_stream(model, torch.tensor([ids]), max_new_tokens=min(args.max_new_tokens, room),
-                                     temperature=args.temperature, top_p=args.top_p, eos_ids=tokenizer.eos_ids,
-                                     seed=args.seed):
-            tid = int(token[0])
-            if tid in tokenizer.eos_ids:
-                break
-            reply.append(tid)
-            sys.stdout.write(decoder.add(tid))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
-        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+        decoder, reply, stopped = tokenizer.incremental_decoder(), [], False
+        out.write("model> ")
+        out.flush()
+        stream = generate_stream(model, torch.tensor([ids]), max_new_tokens=min(max_new_tokens, room),
+                                 temperature=temperature, top_p=top_p, eos_ids=stops, seed=seed)
+        try:
+            for token in stream:
+                tid = int(token[0])
+                if tid in stops:
+                    break
+                reply.append(tid)
+                out.write(decoder.add(tid))
+                out.flush()
+            out.write(decoder.flush() + "\n")
+        except KeyboardInterrupt:
+            stopped = True
+            out.write(decoder.flush() + " [stopped]\n")
+        finally:
+            stream.close()
+        out.flush()
+        if stopped and not reply:
+            messages.pop()  # stopped before a word: forget the question too, so the turns still alternate
+        else:
+            messages.append({"role": "assistant", "content": tokenizer.decode(reply)})

@@ -3,17 +3,20 @@
 One thread owns the engine and runs ``step()`` while there is work; HTTP handlers talk to it through a
 command queue and get outputs back on per-request asyncio queues, so the engine itself stays
 single-threaded. A client that disconnects mid-stream has its request aborted and its KV blocks freed.
+On SIGTERM/Ctrl-C (``serve(shutdown_timeout=)``) running requests get that many seconds to finish; those still
+running then are aborted with a 503 (streams: an error event) and the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import queue
 import threading
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,15 +30,29 @@ from lmforge.engine.sequence import SamplingParams
 
 
 # ---- the engine thread ----------------------------------------------------------------------------
-class AsyncEngine:
-    """Runs ``engine.step()`` on its own thread; ``submit`` returns an async iterator of outputs."""
+RATE_WINDOW_S = 30.0  # lmforge_generation_tokens_per_second: tokens generated over the last this many seconds
 
-    def __init__(self, engine: Engine) -> None:
+
+class ShuttingDown(Exception):
+    """The server is shutting down and aborted this request (a 503 for the client)."""
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` on its own thread; ``submit`` returns an async iterator of outputs.
+
+    ``clock`` (monotonic seconds) times the generated-token rate; tests inject a fake one."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.monotonic,
+                 rate_window: float = RATE_WINDOW_S) -> None:
         self.engine = engine
         self.commands: queue.Queue = queue.Queue()
         self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.started = time.time()
-        self.generated_tokens = 0
+        self.generated_tokens = 0  # since start-up: a Prometheus counter
+        self.clock, self.rate_window, self._born = clock, rate_window, clock()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._count_lock = threading.Lock()
+        self._drain_deadline: float | None = None  # set by drain(): abort what still runs after it
         self._wake = threading.Event()
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
@@ -50,6 +67,9 @@ class AsyncEngine:
                     break
                 if kind == "add":
                     request_id, prompt, params = args
+                    if self._drain_deadline is not None:  # shutting down: take no new work
+                        self._deliver(request_id, ShuttingDown("the server is shutting down"))
+                        continue
                     try:
                         self.engine.add_request(prompt, params, request_id=request_id)
                     except Exception as e:  # a bad request must never take the engine thread down
@@ -57,6 +77,12 @@ class AsyncEngine:
                 else:
                     self.engine.abort(args)
                     self.listeners.pop(args, None)
+            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                for request_id in list(self.listeners):  # the grace period is over
+                    out = self.engine.abort(request_id)
+                    done = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
+                    self._deliver(request_id, ShuttingDown(
+                        f"the server is shutting down; the request was aborted after {done} generated tokens"))
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -68,9 +94,29 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                     self._deliver(request_id, e)
                 continue
+            self._count(sum(len(o.delta_token_ids) for out in outputs for o in out.outputs))
             for out in outputs:
-                self.generated_tokens += sum(len(o.delta_token_ids) for o in out.outputs)
                 self._deliver(out.request_id, out)
+
+    def _count(self, tokens: int) -> None:
+        now = self.clock()
+        with self._count_lock:
+            self.generated_tokens += tokens
+            if tokens:
+                self._recent.append((now, tokens))
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._recent and self._recent[0][0] <= now - self.rate_window:
+            self._recent.popleft()
+
+    def token_rate(self) -> float:
+        """Generated tokens per second over the last ``rate_window`` seconds (since start-up if shorter)."""
+        now = self.clock()
+        with self._count_lock:
+            self._prune(now)
+            tokens = sum(n for _, n in self._recent)
+        return tokens / max(min(self.rate_window, now - self._born), 1e-9)
 
     def _deliver(self, request_id: str, item: Any) -> None:
         target = self.listeners.get(request_id)
@@ -101,6 +147,13 @@ class AsyncEngine:
             if not finished:  # client went away or the handler failed: free the blocks
                 self.commands.put(("abort", request_id))
                 self._wake.set()
+
+    def drain(self, grace: float) -> None:
+        """Begin shutting down: refuse new requests; abort those still running ``grace`` seconds from now.
+        Safe to call from a signal handler."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + max(grace, 0.0)
+        self._wake.set()
 
     def close(self) -> None:
         self._stop = True
@@ -180,10 +233,19 @@ class ErrorBody(BaseModel):
 
 STREAMING = {200: {"description": "a completion, or with stream=true a text/event-stream of chunks",
                    "content": {"application/json": {}, "text/event-stream": {}}}}
-ERRORS = {400: {"model": ErrorBody, "description": "invalid request"},
+ERRORS = {400: {"model": ErrorBody, "description": "invalid request, e.g. max_tokens + prompt tokens beyond the "
+                                                 "model's context length"},
           401: {"model": ErrorBody, "description": "missing or wrong API key"},
           404: {"model": ErrorBody, "description": "unknown model"},
-          500: {"model": ErrorBody, "description": "engine failure"}}
+          500: {"model": ErrorBody, "description": "engine failure"},
+          503: {"model": ErrorBody, "description": "the server is shutting down (the request was aborted)"}}
+CONTEXT_DOC = ("`max_tokens` (or `max_completion_tokens`) plus the prompt's tokens must fit the model's context "
+               "length, else 400: \"max_tokens (X) + prompt tokens (Y) exceeds the model's context length (Z)\". ")
+COMPLETIONS_DOC = ("OpenAI text completion. " + CONTEXT_DOC +
+                   "Without max_tokens at most 16 tokens are generated (OpenAI's default), fewer if the context "
+                   "ends first.")
+CHAT_DOC = ("OpenAI chat completion (the model's chat template). " + CONTEXT_DOC +
+            "Without max_tokens generation may run to the end of the context (or of the KV pool, if smaller).")
 
 
 class APIError(Exception):
@@ -217,13 +279,31 @@ def _grammar(req: _Common) -> dict[str, Any]:
     return {}
 
 
-def _params(req: _Common, logprobs: int | None) -> SamplingParams:
+def _max_tokens(req: _Common, engine: Engine, prompt_len: int, default: int | None) -> int:
+    """The request's max_tokens, checked against the context; when omitted ``default`` (None: the rest of the
+    context), never past the context or the KV pool."""
+    context = engine.max_model_len
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if prompt_len >= context:
+        raise APIError(400, f"prompt has {prompt_len} tokens; the model's context length is {context}, which "
+                            f"leaves room for at most {context - 1} prompt tokens")
+    if asked is not None:
+        if asked + prompt_len > context:
+            raise APIError(400, f"{field} ({asked}) + prompt tokens ({prompt_len}) exceeds the model's context "
+                                f"length ({context})", field)
+        return asked
+    bm = engine.block_manager
+    room = min(context, bm.num_blocks * bm.block_size) - prompt_len
+    return max(1, room if default is None else min(default, room))
+
+
+def _params(req: _Common, logprobs: int | None, max_tokens: int) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                             repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                             presence_penalty=req.presence_penalty, seed=req.seed, stop=stop, n=req.n,
-                            max_tokens=16 if max_tokens is None else max_tokens, logprobs=logprobs, **_grammar(req))
+                            max_tokens=max_tokens, logprobs=logprobs, **_grammar(req))
     try:
         return params.validate()
     except LmforgeError as e:
@@ -237,9 +317,11 @@ def _content_text(content: str | list[TextPart] | None) -> str:
 
 
 # ---- the app -------------------------------------------------------------------------------------
-def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: Engine, model_name: str, api_key: str | None = None,
+              clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """The app; ``app.state.runner.drain(seconds)`` starts a graceful shutdown (``serve`` does on SIGTERM)."""
     app = FastAPI(title="lmforge", version="0.1")
-    runner = AsyncEngine(engine)
+    runner = AsyncEngine(engine, clock=clock)
     app.state.runner = runner
     tokenizer = engine.tokenizer
 
@@ -292,15 +374,20 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     async def metrics() -> PlainTextResponse:
         sched, bm = engine.scheduler, engine.block_manager
         used = bm.num_blocks - bm.num_free_blocks
-        elapsed = max(time.time() - runner.started, 1e-9)
         lines = [
             "# TYPE lmforge_requests_running gauge", f"lmforge_requests_running {len(sched.running)}",
             "# TYPE lmforge_requests_waiting gauge", f"lmforge_requests_waiting {len(sched.waiting)}",
             "# TYPE lmforge_kv_blocks_used gauge", f"lmforge_kv_blocks_used {used}",
             "# TYPE lmforge_kv_blocks_total gauge", f"lmforge_kv_blocks_total {bm.num_blocks}",
+            "# HELP lmforge_generation_tokens_total tokens generated since start-up (use rate() over it)",
+            "# TYPE lmforge_generation_tokens_total counter",
+            f"lmforge_generation_tokens_total {runner.generated_tokens}",
+            "# HELP lmforge_generated_tokens_total the same counter under its old name",
             "# TYPE lmforge_generated_tokens_total counter", f"lmforge_generated_tokens_total {runner.generated_tokens}",
+            f"# HELP lmforge_generation_tokens_per_second tokens generated per second over the last "
+            f"{runner.rate_window:g} s",
             "# TYPE lmforge_generation_tokens_per_second gauge",
-            f"lmforge_generation_tokens_per_second {runner.generated_tokens / elapsed:.3f}",
+            f"lmforge_generation_tokens_per_second {runner.token_rate():.3f}",
         ]
         if engine.drafter is not None:
             lines += ["# TYPE lmforge_draft_tokens_proposed_total counter",
@@ -313,6 +400,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         try:
             outputs = runner.submit(prompt, params)
             first = await outputs.__anext__()  # surfaces request errors as a 400 before streaming starts
+        except ShuttingDown as e:
+            raise APIError(503, str(e), kind="server_error") from None
         except LmforgeError as e:
             raise APIError(400, str(e)) from None
         except RuntimeError as e:
@@ -321,8 +410,13 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             raise APIError(500, "the engine returned nothing", kind="server_error") from None
         if not stream:
             last = first
-            async for last in outputs:
-                pass
+            try:
+                async for last in outputs:
+                    pass
+            except ShuttingDown as e:
+                raise APIError(503, str(e), kind="server_error") from None
+            except RuntimeError as e:
+                raise APIError(500, f"internal error: {e}", kind="server_error") from None
             return JSONResponse(render.full(last))
 
         async def events() -> AsyncIterator[str]:
@@ -333,20 +427,26 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
                     for chunk in render.chunks(out):
                         yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
+            except ShuttingDown as e:  # an OpenAI-style error event; clients raise it
+                error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
             finally:
                 await outputs.aclose()  # on disconnect: abort and free blocks
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions", responses={**STREAMING, **ERRORS})
+    @app.post("/v1/completions", responses={**STREAMING, **ERRORS}, description=COMPLETIONS_DOC)
     async def completions(req: CompletionRequest):
         check_model(req.model)
-        if isinstance(req.prompt, str) and tokenizer is None:
-            raise APIError(400, "this model has no tokenizer; send token ids as the prompt", "prompt")
-        params = _params(req, req.logprobs)
-        return await run(req.prompt, params, req.stream, _CompletionRender(model_name, params.n))
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise APIError(400, "this model has no tokenizer; send token ids as the prompt", "prompt")
+            prompt = tokenizer.encode(prompt)  # what the engine would do; the context check needs the count
+        params = _params(req, req.logprobs, _max_tokens(req, engine, len(prompt), default=16))
+        return await run(prompt, params, req.stream, _CompletionRender(model_name, params.n))
 
-    @app.post("/v1/chat/completions", responses={**STREAMING, **ERRORS})
+    @app.post("/v1/chat/completions", responses={**STREAMING, **ERRORS}, description=CHAT_DOC)
     async def chat(req: ChatRequest):
         check_model(req.model)
         if tokenizer is None or tokenizer.chat_template is None:
@@ -357,7 +457,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LmforgeError as e:
             raise APIError(400, str(e), "messages") from None
-        params = _params(req, req.top_logprobs if req.logprobs else None)
+        params = _params(req, req.top_logprobs if req.logprobs else None,
+                         _max_tokens(req, engine, len(ids), default=None))
         return await run(ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer))
 
     return app
@@ -424,10 +525,23 @@ class _ChatRender(_CompletionRender):
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, **engine_kwargs: Any) -> None:
+          model_name: str | None = None, shutdown_timeout: float = 5.0, **engine_kwargs: Any) -> None:
+    """Serve until SIGTERM/Ctrl-C; then running requests get ``shutdown_timeout`` seconds to finish before they
+    are aborted (503, or an error event on a stream) and the process exits."""
     import uvicorn
     from pathlib import Path
 
+    if shutdown_timeout < 0:
+        raise LmforgeError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout}")
     engine = Engine(model_path, **engine_kwargs)
     app = build_app(engine, model_name or Path(model_path).name, api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.runner.drain(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own limit is the backstop: past it, it cancels whatever request task still has not answered.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=shutdown_timeout + 2.0)
+    _Server(config).run()

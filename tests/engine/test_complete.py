@@ -21,7 +21,7 @@ def test_greedy_equals_reference_and_mode_is_kept(tiny_model):
     model.eval()
     for prompt, samples in zip(prompts, outs):
         assert len(samples) == 1 and samples[0].finish_reason == "length"
-        assert samples[0].token_ids == generate(model, torch.tensor([prompt]), max_new_tokens=9)[0].tolist()
+        assert samples[0].token_ids == generate(model, torch.tensor([prompt]), max_new_tokens=9, eos_ids=())[0].tolist()
 
 
 def test_n_samples_share_the_prompt_blocks(tiny_model):

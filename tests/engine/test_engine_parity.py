@@ -24,7 +24,7 @@ def make_prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
 
 
 def reference(model, prompts: list[list[int]]) -> list[list[int]]:
-    return [generate(model, torch.tensor([p]), max_new_tokens=MAX_NEW)[0].tolist() for p in prompts]
+    return [generate(model, torch.tensor([p]), max_new_tokens=MAX_NEW, eos_ids=())[0].tolist() for p in prompts]
 
 
 def assert_no_leak(engine: Engine) -> None:

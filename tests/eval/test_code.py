@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.code import build_program, pass_at_k, run_program, run_programs
+from lmforge.eval.code import build_program, extract_code, pass_at_k, run_program, run_programs
 from lmforge.eval.tasks import builtin_tasks
 
 
@@ -54,3 +54,37 @@ def test_builtin_code_task_canonical_solutions_pass():
     programs.append(build_program(problems[0]["prompt"], "    return None\n", problems[0]["tests"]))
     results = run_programs(programs, timeout_s=5)
     assert [r.passed for r in results] == [True] * len(problems) + [False]
+
+
+PROMPT = 'from math import prod\n\n\ndef add(a, b):\n    """Return the sum of a and b."""\n'
+TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+WHOLE = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize("completion,code", [
+    ("    return a + b\n", "    return a + b\n"),  # no fence: the completion itself
+    (f"```python\n{WHOLE}```", WHOLE),
+    (f"Here is the function:\n\n```py\n{WHOLE}```\n\nIt adds the numbers.", WHOLE),
+    (f"Sure:\n```\n{WHOLE}```\nUsage:\n```python\nprint(add(1, 2))\n```", WHOLE),  # untagged first block
+    (f"```text\nadd\n```\n```python\n{WHOLE}```", WHOLE),  # the python block, not the text one
+    (f"```python\n{WHOLE}", WHOLE),  # generation stopped inside the block
+    ("    return a + b\n```\n\nThis returns the sum.", "    return a + b\n"),  # a fence closing the body
+])
+def test_extract_code_from_markdown_fences(completion, code):
+    assert extract_code(completion) == code
+
+
+def test_fenced_answers_are_scored_on_their_code():
+    """A chat model answers in a ```python fence: whole function or body, with prose around it."""
+    good = [f"```python\n{WHOLE}```",
+            f"Here you go:\n\n```python\n{WHOLE}```\n\nThis uses `+`.",
+            "```python\n    return a + b\n```",  # just the body, fenced
+            "    return a + b\n```\nDone.",
+            "```python\ndef add(a, b):\n    return prod([1]) * (a + b)\n```"]  # needs the prompt's import
+    bad = ["```python\ndef add(a, b):\n    return a - b\n```", "The answer is a + b."]
+    # without a fence the program is exactly prompt + completion, as before
+    assert build_program(PROMPT, "    return a + b\n", TESTS) == f"{PROMPT}    return a + b\n\n\n{TESTS}\n"
+    results = run_programs([build_program(PROMPT, c, TESTS) for c in good + bad], timeout_s=5)
+    assert [r.passed for r in results] == [True] * len(good) + [False] * len(bad), [r.detail for r in results]
+    # a prompt the whole definition cannot follow (it ends inside the body) is replaced by it
+    assert build_program("def add(a, b):\n    return (", f"```python\n{WHOLE}```", TESTS).startswith(WHOLE)

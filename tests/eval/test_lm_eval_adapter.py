@@ -81,3 +81,21 @@ def test_generate_until_stops_and_matches_hflm(adapter, hflm):
     out = adapter.generate_until(reqs)
     assert out[0] == free[:free.index(stop)] and stop not in out[0]
     assert out == hflm.generate_until(reqs)  # identical greedy decoding
+
+
+def test_simple_evaluate_with_the_chat_template(model_dir, tmp_path, monkeypatch):
+    """What the README suggests for a chat model: a local JSONL task, apply_chat_template, multi-turn shots."""
+    from lmforge.eval.builtin.make_data import larger
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    _lm_eval_task(tmp_path, larger(4, seed=3))
+    res = lm_eval.simple_evaluate(model="lmforge", model_args=f"pretrained={model_dir},batch_size=4",
+                                  tasks=["tiny_larger"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  num_fewshot=1, apply_chat_template=True, fewshot_as_multiturn=True,
+                                  device="cpu", log_samples=True, bootstrap_iters=0)
+    assert 0 <= res["results"]["tiny_larger"]["acc,none"] <= 1
+    for s in res["samples"]["tiny_larger"]:
+        context = s["arguments"][0][0]
+        assert context.startswith("<|im_start|>user\nWhich is larger") and context.endswith("<|im_start|>assistant\n")
+        assert context.count("<|im_start|>assistant\n") == 2  # the shot's answer turn, then the open one

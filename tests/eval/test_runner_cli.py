@@ -51,3 +51,71 @@ def test_code_task_through_runner(model_dir, monkeypatch):
     assert r["pass@1"] == pytest.approx(0.25)
     assert [s["status"][0] for s in r["samples"]] == ["passed", "failed", "timeout", "blocked"]
     assert "pass@1" in markdown_table({"results": {"m": {"code": r}}})
+
+
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_larger_chat_scores_choices_after_the_chat_template(model_dir, monkeypatch):
+    """The exact strings, and the tokens, the model is given: the chat template's, then the choice."""
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    seen, real = [], scoring.loglikelihood
+
+    def spy(m, t, reqs, *a, **k):
+        seen.extend(reqs)
+        return real(m, t, reqs, *a, **k)
+
+    monkeypatch.setattr(scoring, "loglikelihood", spy)
+    r = Evaluator(model, tok, limit=2, bootstrap_iters=10).run(resolve_task("larger_chat"))
+    question = "Which is larger, 72 or 80? Answer with the number only."
+    ctx = CHATML_USER.format(question)
+    assert seen[:2] == [(ctx, "72"), (ctx, "80")] and len(seen) == 4
+    template_ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ctx_ids, cont_ids = scoring.encode_pair(tok, ctx, "80")
+    assert (ctx_ids + cont_ids)[:len(template_ids)] == template_ids
+    assert (ctx_ids + cont_ids)[len(template_ids):] == tok.encode("80", add_special_tokens=False)
+    assert r["n"] == 2 and 0 <= r["acc"] <= 1
+
+
+def test_code_chat_renders_the_chat_template_and_scores_fenced_code(model_dir, monkeypatch):
+    task = resolve_task("code_chat")
+    d = task.docs
+    replies = [f"Here it is:\n\n```python\n{d[0]['prompt']}{d[0]['canonical_solution']}```\n\nIt adds them.",
+               f"```python\n{d[1]['canonical_solution']}```",  # only the body, fenced
+               f"{d[2]['prompt']}{d[2]['canonical_solution']}",  # no fence: the whole function as plain text
+               "```python\ndef count_vowels(s):\n    return 0\n```"]  # wrong
+    calls = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens, stop, *rest):
+        calls.append((list(prompts), max_new_tokens, list(stop)))
+        return replies[:len(prompts)]
+
+    monkeypatch.setattr(scoring, "generate_texts", fake_generate)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    r = Evaluator(model, tok, limit=4, log_samples=True, bootstrap_iters=10).run(task)
+    (prompts, max_new, stop), = calls
+    assert prompts[0] == CHATML_USER.format(
+        "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
+        f"```python\n{d[0]['prompt']}```")
+    assert (max_new, stop) == (384, [])
+    assert [s["status"][0] for s in r["samples"]] == ["passed", "passed", "passed", "failed"]
+    assert r["pass@1"] == pytest.approx(0.75)
+    assert r["samples"][0]["code"] == [f"{d[0]['prompt']}{d[0]['canonical_solution']}"]
+
+
+def test_cli_task_options(model_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(model_dir), "--tasks", "larger,larger_chat,stdlib_heldout", "--limit", "3",
+               "--task-option", "chat=true", "--task-option", "larger:fewshot=1", "--output", str(out),
+               "--bootstrap-iters", "10"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["tasks"] == ["larger[chat=true,fewshot=1]", "larger_chat", "stdlib_heldout"]
+    assert report["config"]["task_options"] == {"chat": True, "larger": {"fewshot": 1}}
+    assert set(report["results"][str(model_dir)]) == set(report["config"]["tasks"])
+    assert "| larger[chat=true,fewshot=1] | acc |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(model_dir), "--tasks", "larger", "--task-option", "colour=red"]) == 2
+    assert "lmforge eval: error: unknown task option 'colour' (options: chat," in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--tasks", "larger",
+                 "--task-option", "larger:max_new_tokens=9"]) == 2
+    assert "'max_new_tokens' does not apply to larger.yaml" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lmforge.errors import ConfigError
-from lmforge.eval.tasks import builtin_tasks, load_task, resolve_task
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.eval.tasks import builtin_tasks, load_task, parse_task_options, resolve_task, resolve_tasks
 
 DOCS = [{"q": f"What is {i} + 1?", "a": str(i + 1), "choices": ["x", "y"], "gold": i % 2} for i in range(6)]
 BASE = {"name": "t", "type": "generate", "data": "d.jsonl", "prompt": "Q: {q}\nA:", "target": "a"}
@@ -113,10 +113,104 @@ def test_answer_extraction(tmp_path):
     assert load_task(write(tmp_path)).extract("  42 \n") == "42"
 
 
+class ChatMLTokenizer:
+    """Just what a chat task asks of a tokenizer: a template and ``apply_chat_template``."""
+
+    chat_template = "chatml"
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        assert tokenize is False and add_generation_prompt is True
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+
 def test_builtin_tasks_load():
     names = builtin_tasks()
-    assert {"arithmetic", "arithmetic_chat", "larger", "stdlib_heldout", "code"} <= set(names)
+    assert {"arithmetic", "arithmetic_chat", "larger", "larger_chat", "stdlib_heldout", "code",
+            "code_chat"} <= set(names)
     for name in names:
         task = resolve_task(name)
-        assert task.docs and task.context(0) is not None
-    assert resolve_task("larger").context(0).endswith("?\nAnswer:")
+        assert task.docs and task.context(0, ChatMLTokenizer()) is not None
+    # the toy tasks' prompts are what they were
+    assert resolve_task("larger").context(0) == ("Which is larger, 46 or 4?\nAnswer: 46\n\nWhich is larger, 64 or 70?"
+                                                 "\nAnswer: 70\n\nWhich is larger, 55 or 78?\nAnswer: 78\n\n"
+                                                 "Which is larger, 72 or 80?\nAnswer:")
+    code = resolve_task("code")
+    assert code.context(0) == code.docs[0]["prompt"] and code.program_prefix(code.docs[0]) == code.docs[0]["prompt"]
+    assert resolve_task("larger").target_delimiter == " "
+
+
+def test_chat_task_renders_turns_through_the_chat_template(tmp_path):
+    task = load_task(write(tmp_path, chat=True, fewshot=2, fewshot_seed=7, system="Be brief."))
+    shots = task.shots(0)
+    assert task.messages(0) == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": f"Q: {shots[0]['q']}\nA:"},
+                                {"role": "assistant", "content": shots[0]["a"]},
+                                {"role": "user", "content": f"Q: {shots[1]['q']}\nA:"},
+                                {"role": "assistant", "content": shots[1]["a"]},
+                                {"role": "user", "content": "Q: What is 0 + 1?\nA:"}]
+    assert task.context(0, ChatMLTokenizer()) == (
+        f"<system>Be brief.</system><user>Q: {shots[0]['q']}\nA:</user><assistant>{shots[0]['a']}</assistant>"
+        f"<user>Q: {shots[1]['q']}\nA:</user><assistant>{shots[1]['a']}</assistant>"
+        "<user>Q: What is 0 + 1?\nA:</user><assistant>")
+    assert task.target_delimiter == ""  # a choice is the start of the reply, not " choice"
+    with pytest.raises(LmforgeError, match="uses chat: true, which needs a tokenizer with a chat template"):
+        task.context(0)
+    with pytest.raises(ConfigError, match="field 'system' needs chat: true"):
+        load_task(write(tmp_path, system="Be brief."))
+    with pytest.raises(ConfigError, match="'chat' does not apply to perplexity"):
+        load_task(write(tmp_path, type="perplexity", prompt=None, target="q", chat=True))
+
+
+def test_builtin_chat_variants():
+    larger = resolve_task("larger_chat")
+    assert larger.context(0, ChatMLTokenizer()) == (
+        "<user>Which is larger, 72 or 80? Answer with the number only.</user><assistant>")
+    assert larger.docs == resolve_task("larger").docs and larger.target_delimiter == ""
+    code = resolve_task("code_chat")
+    doc = code.docs[0]
+    assert code.context(0, ChatMLTokenizer()) == (
+        "<user>Complete the following Python function. Reply with the whole function in one ```python code "
+        f"block.\n\n```python\n{doc['prompt']}```</user><assistant>")
+    assert code.program_prefix(doc) == doc["prompt"] and not code.stop  # no stop string cuts a fenced reply
+
+
+def test_run_options_override_fields_and_rename_the_task(tmp_path):
+    task = resolve_task("larger", {"chat": True, "fewshot": 1})
+    assert task.name == "larger[chat=true,fewshot=1]" and task.chat and task.fewshot == 1
+    assert task.context(0, ChatMLTokenizer()) == ("<user>Which is larger, 46 or 4?\nAnswer:</user><assistant>46"
+                                                  "</assistant><user>Which is larger, 72 or 80?\nAnswer:</user>"
+                                                  "<assistant>")
+    opts = parse_task_options(["chat=true", "code:max_new_tokens=512", "larger:system=Be brief: digits only",
+                               "code:stop=[]"])
+    assert opts == {"chat": True, "code": {"max_new_tokens": 512, "stop": []},
+                    "larger": {"system": "Be brief: digits only"}}
+    larger, heldout, code = resolve_tasks(["larger", "stdlib_heldout", "code"], opts)
+    assert larger.name == "larger[chat=true,system='Be brief: digits only']" and larger.system.endswith("only")
+    assert heldout.name == "stdlib_heldout" and not heldout.chat  # chat does not apply to perplexity
+    assert (code.name, code.max_new_tokens, code.stop, code.chat) == ("code[chat=true,max_new_tokens=512,stop=[]]",
+                                                                      512, [], True)
+    assert [t.name for t in resolve_tasks(["larger", "code"])] == ["larger", "code"]
+
+
+@pytest.mark.parametrize("names,items,match", [
+    (["larger"], ["colour=red"], r"unknown task option 'colour' \(options: chat, system, fewshot"),
+    (["larger"], ["larger:prompt=hi"], "unknown task option 'prompt'"),
+    (["larger"], ["chat"], "'chat' is not KEY=VALUE or TASK:KEY=VALUE"),
+    (["larger"], [":chat=true"], "empty task name"),
+    (["larger"], ["code:chat=true"], "task options for 'code', which is not among the tasks"),
+    (["larger"], ["max_new_tokens=5"], "'max_new_tokens' apply to none of the tasks"),
+    (["larger"], ["larger:max_new_tokens=5"], "'max_new_tokens' does not apply to larger.yaml, a multiple_choice"),
+    (["stdlib_heldout"], ["stdlib_heldout:chat=true"], "'chat' does not apply to stdlib_heldout.yaml, a perplexity"),
+    (["larger"], ["chat=maybe"], "field 'chat' must be bool, got 'maybe'"),
+    (["larger"], ["fewshot=-1"], "field 'fewshot' must be >= 0"),
+])
+def test_bad_run_options_are_refused(names, items, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_tasks(names, parse_task_options(items))
+
+
+def test_unknown_option_in_python_api():
+    with pytest.raises(ConfigError, match="unknown task option 'chats'"):
+        resolve_tasks(["larger"], {"chats": True})
+    with pytest.raises(ConfigError, match="unknown task option 'bogus'"):
+        resolve_task("larger", {"bogus": 1})

@@ -59,7 +59,7 @@ def test_greedy_decode_matches_hf_generate(family):
     name, hf, path = family
     model = load_model(path)
     ids, mask = left_padded_batch(seed=2, length=12)
-    ours = generate(model, ids, mask, max_new_tokens=32)
+    ours = generate(model, ids, mask, max_new_tokens=32, eos_ids=())  # as HF with eos_token_id=None
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
