@@ -56,6 +56,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json_object(file: str | os.PathLike, error: type[Exception] = LmforgeError) -> dict:
+    """A JSON file that must hold an object (config.json and the like); ``error`` names the file otherwise."""
+    try:
+        raw = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = LmforgeError) -> Iterator[tuple[str, Any]]:
     """``(file:line, value)`` for each non-blank line of a JSONL file.
 

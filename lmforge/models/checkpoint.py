@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_directory, atomic_file
+from lmforge.io import atomic_directory, atomic_file, read_json_object
 from lmforge.models.device import pick_device
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
@@ -128,13 +128,7 @@ def read_generation_config(path: str | os.PathLike) -> dict | None:
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return None
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(file, CheckpointError)
 
 
 def read_config(path: str | os.PathLike) -> Config:
@@ -146,10 +140,7 @@ def read_config(path: str | os.PathLike) -> Config:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    raw = read_json_object(cfg_file, CheckpointError)
     try:
         return Config.from_hf(raw)
     except ConfigError as e:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.io import atomic_directory
+from lmforge.io import atomic_directory, read_json_object
 from lmforge.models.checkpoint import weight_map
 
 ALL_LINEAR = "all-linear"
@@ -282,12 +282,7 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a directory (expected a PEFT adapter directory)")
     if not file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a PEFT LoRA adapter directory?")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file} must hold a JSON object")
+    raw = read_json_object(file, CheckpointError)
     # Features whose math we do not implement: refuse rather than load something different.
     unsupported = {
         "peft_type": raw.get("peft_type", "LORA") != "LORA",
