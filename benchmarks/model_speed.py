@@ -6,6 +6,14 @@ transformers, loaded by each), the same prompts and the same thread count.
     python benchmarks/model_speed.py                   # ~100M params, float32
     python benchmarks/model_speed.py --quick           # smoke run, < 1 min
     python benchmarks/model_speed.py --dtype bfloat16 --compile --json results.json
+    python benchmarks/model_speed.py --model PATH      # your own Hugging Face model directory
+    python benchmarks/model_speed.py --hidden 576 --layers 30 --heads 9 --kv-heads 3 --intermediate 1536 \
+        --vocab 49152 --tie-embeddings                 # SmolLM2-135M's shape, random weights
+
+``--model PATH`` loads that local directory (config.json + safetensors) with ``lmforge.load_model`` and with
+transformers' ``AutoModelForCausalLM.from_pretrained`` (same dtype) instead of building a random Llama; the
+shape flags do not apply then. Prompts are random token ids and both sides decode exactly --new-tokens
+tokens (EOS is ignored), so the checkpoint's tokenizer and generation config play no part.
 
 Decode tokens/s is measured as (N - 1) / (t(N new tokens) - t(1 new token)), with t the median
 wall time of a whole ``generate`` call, so the prompt's prefill cancels out for both libraries.
@@ -28,18 +36,20 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHAPE_DEFAULTS = {"hidden": 768, "layers": 12, "heads": 12, "kv-heads": 4, "intermediate": 2048, "vocab": 32000}
+QUICK_SHAPE = {"hidden": 256, "layers": 4, "heads": 4, "kv-heads": 2, "intermediate": 512, "vocab": 8000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model", type=Path, default=None,
+                   help="a local Hugging Face model directory to measure instead of a random Llama of the shape flags")
+    shape = p.add_argument_group("random model shape (ignored with --model)")
+    for flag, default in SHAPE_DEFAULTS.items():
+        shape.add_argument(f"--{flag}", type=int, default=None, help=f"default {default}")
+    shape.add_argument("--tie-embeddings", action="store_true", help="LM head shares the input embedding")
     p.add_argument("--prefill", default="4x256,1x512", help="comma-separated BATCHxLEN prefill shapes")
     p.add_argument("--prompt-len", type=int, default=32, help="decode prompt length")
     p.add_argument("--new-tokens", type=int, default=128, help="decode: new tokens per generate call")
@@ -52,9 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small model and few reps: a smoke run")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
+    given = [f"--{f}" for f in SHAPE_DEFAULTS if getattr(args, f.replace("-", "_")) is not None]
+    if args.tie_embeddings:
+        given.append("--tie-embeddings")
+    if args.model is not None and given:
+        p.error(f"--model takes the shape from the checkpoint; drop {', '.join(given)}")
+    # --quick: a small model (unless --model or a shape flag says otherwise) and few reps
+    defaults = QUICK_SHAPE if args.quick else SHAPE_DEFAULTS
+    for flag, default in defaults.items():
+        if getattr(args, flag.replace("-", "_")) is None:
+            setattr(args, flag.replace("-", "_"), default)
     if args.quick:
-        args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 256, 4, 4, 2, 512
-        args.vocab, args.prefill, args.new_tokens = 8000, "2x64,1x128", 32
+        args.prefill, args.new_tokens = "2x64,1x128", 32
         args.reps, args.bandwidth_gib = 2, 0.5
     return args
 
@@ -107,7 +126,8 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> int:
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        max_position_embeddings=4096, tie_word_embeddings=args.tie_embeddings, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
@@ -117,13 +137,19 @@ def build_checkpoint(args: argparse.Namespace, path: Path) -> int:
 
 
 def load_both(path: Path, dtype: torch.dtype):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from lmforge.models.checkpoint import load_model
 
-    hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except ValueError:  # an architecture without an SDPA implementation: its default attention
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # Plain greedy decoding of exactly N tokens on both sides: drop the checkpoint's generation defaults
+    # (sampling, repetition penalty, EOS ids) so that neither side stops early or does extra work.
+    hf.generation_config = GenerationConfig(pad_token_id=0)
     ours = load_model(path, dtype=dtype).eval()
-    return hf, ours
+    return hf.eval(), ours
 
 
 def hf_generate(model, ids: torch.Tensor, n: int, static: bool) -> torch.Tensor:
@@ -149,11 +175,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["transformers"] = transformers.__version__
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results["params"] = build_checkpoint(args, Path(tmp))
-        hf, ours = load_both(Path(tmp), dtype)
-    print(f"model: Llama {results['params'] / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, "
-          f"{args.heads}/{args.kv_heads} heads, ffn {args.intermediate}, vocab {args.vocab}; {args.dtype}; "
+    if args.model is not None:
+        hf, ours = load_both(args.model, dtype)
+        results["model"] = str(args.model)
+        results["params"] = sum(p.numel() for p in ours.parameters())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["params"] = build_checkpoint(args, Path(tmp))
+            hf, ours = load_both(Path(tmp), dtype)
+    cfg = ours.config
+    args.vocab = cfg.vocab_size  # prompts draw token ids below it
+    results["shape"] = {"model_type": cfg.model_type, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+                        "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "intermediate": cfg.intermediate_size,
+                        "vocab": cfg.vocab_size, "tied_embeddings": cfg.tie_embeddings}
+    name = f"{args.model} ({cfg.model_type})" if args.model is not None else "Llama (random)"
+    print(f"model: {name} {results['params'] / 1e6:.1f}M params, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+          f"{', tied embeddings' if cfg.tie_embeddings else ''}; {args.dtype}; "
           f"torch {torch.__version__} ({threads} threads), transformers {transformers.__version__}", flush=True)
 
     rows: list[tuple[str, float, float, str]] = []  # name, lmforge, transformers, unit

@@ -2,6 +2,12 @@
 
     python benchmarks/serving.py            # ~100M Llama, 32 mixed-length requests (a few minutes)
     python benchmarks/serving.py --quick    # small model, smoke run
+    python benchmarks/serving.py --model PATH   # your own Hugging Face model directory (float32)
+
+``--model PATH`` loads that local directory with ``lmforge.load_model`` and transformers'
+``AutoModelForCausalLM.from_pretrained`` instead of building a random Llama (--hidden/--layers/--vocab do not
+apply); prompts are still random token ids and EOS is ignored. The draft for part 3 stays a random Llama with
+the checkpoint's vocabulary, a quarter of its width and a sixth of its depth.
 
 Prints, measured in this one run:
   1. throughput (output tokens/s) and time-to-first-token p50/p99 for 32 requests that all arrive at t=0:
@@ -108,11 +114,13 @@ def run_hf(hf, requests, batch_size: int) -> dict:
     return {"seconds": total, "tokens": produced, "tok_s": produced / total, "ttft": ttft}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model", type=Path, default=None,
+                   help="a local Hugging Face model directory to serve instead of a random Llama")
+    p.add_argument("--hidden", type=int, default=None, help="random model width (default 768)")
+    p.add_argument("--layers", type=int, default=None, help="random model depth (default 12)")
+    p.add_argument("--vocab", type=int, default=None, help="random model vocabulary (default 32000)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--hf-batch", type=int, default=8)
     p.add_argument("--max-out", type=int, default=64)
@@ -120,9 +128,15 @@ def main() -> None:
     p.add_argument("--spec-k", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    shape_flags = [f"--{k}" for k in ("hidden", "layers", "vocab") if getattr(args, k) is not None]
+    if args.model is not None and shape_flags:
+        p.error(f"--model takes the shape from the checkpoint; drop {', '.join(shape_flags)}")
+    for k, full, quick in (("hidden", 768, 128), ("layers", 12, 2), ("vocab", 32000, 2048)):
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else full)
     if args.quick:
-        args.hidden, args.layers, args.vocab, args.requests, args.max_out, args.prefix = 128, 2, 2048, 12, 16, 128
+        args.requests, args.max_out, args.prefix = 12, 16, 128
 
     import transformers
 
@@ -139,12 +153,22 @@ def main() -> None:
         return m
 
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
-    hf = llama(args.hidden, args.layers, 0)
-    hf.save_pretrained(tmp / "target")
-    ours = load_model(tmp / "target")
+    if args.model is not None:
+        ours = load_model(args.model)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        # greedy, exactly max_tokens per request: none of the checkpoint's sampling / EOS defaults
+        hf.generation_config = transformers.GenerationConfig(pad_token_id=0)
+        args.hidden, args.layers, args.vocab = ours.config.hidden_size, ours.config.num_layers, ours.config.vocab_size
+        what = f"{args.model} ({ours.config.model_type})"
+    else:
+        hf = llama(args.hidden, args.layers, 0)
+        hf.save_pretrained(tmp / "target")
+        ours = load_model(tmp / "target")
+        what = "Llama-architecture (random)"
     n_params = sum(x.numel() for x in hf.parameters())
-    results: dict = {"params": n_params, "threads": torch.get_num_threads()}
-    print(f"target: Llama-architecture, {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads")
+    results: dict = {"params": n_params, "threads": torch.get_num_threads(),
+                     "model": str(args.model) if args.model is not None else None}
+    print(f"target: {what}, {n_params / 1e6:.1f}M params, float32, {torch.get_num_threads()} threads")
 
     # 1. mixed-length requests, all at t=0
     max_prompt = 256 if not args.quick else 64
@@ -212,6 +236,7 @@ def main() -> None:
           "assumes the round cost measured here)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

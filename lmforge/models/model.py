@@ -457,9 +457,13 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
 
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        max_pos = int(positions.max()) + 1 if positions.numel() else 1
-        key = (positions.device, max_pos > int((self.config.rope_scaling or {}).get(
-            "original_max_position_embeddings") or self.config.max_position_embeddings))
+        scaling = self.config.rope_scaling or {}
+        max_pos = 1
+        if scaling.get("rope_type") == "longrope" and positions.numel():
+            # Only longrope's frequencies depend on the length; reading it elsewhere would sync and break compile.
+            max_pos = int(positions.max()) + 1
+        key = (positions.device, max_pos > int(scaling.get("original_max_position_embeddings")
+                                                or self.config.max_position_embeddings))
         if key not in self._rope_cache:
             inv_freq, attn_factor = rope_inv_freq(self.config, max_pos)
             self._rope_cache[key] = (inv_freq.to(positions.device), attn_factor)
