@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lmforge.align.rejection import PromptResult, RejectionConfig, RewardFn, best_of_n
+from lmforge.align.rejection import PromptResult, RejectionConfig, best_of_n
+from lmforge.align.rewards import RewardFn
 from lmforge.align.reward_model import RewardModel
 from lmforge.data.chat import read_prompt_jsonl
 from lmforge.data.synthetic import write_jsonl

@@ -19,12 +19,11 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from lmforge.data.chat import validate_messages
+from lmforge.data.chat import Messages, validate_messages
 from lmforge.data.sft import IGNORE_INDEX, SequenceTooLong
 from lmforge.errors import LmforgeError
 from lmforge.io import iter_jsonl
 
-Messages = list[dict[str, str]]
 Text = Union[str, Messages]
 FIELDS = ("prompt", "chosen", "rejected")
 

@@ -11,21 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from lmforge.align.reward_model import RewardModel
-from lmforge.align.rewards import safe_reward
-from lmforge.data.chat import prompt_messages, validate_messages
+from lmforge.align.rewards import RewardFn, safe_reward
+from lmforge.data.chat import Messages, prompt_messages, validate_messages
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.engine.complete import complete
 from lmforge.engine.sequence import SamplingParams
 from lmforge.models.model import Transformer
-
-RewardFn = Callable[[str, str], float]
-Messages = list[dict[str, str]]
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from lmforge.data.tokenizer import IncrementalDecoder
 from lmforge.errors import LmforgeError
 from lmforge.models.device import pick_device
+from lmforge.models.generate import token_id_list
 from lmforge.models.model import Transformer
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.model_runner import Feed, ModelRunner
@@ -97,8 +98,7 @@ class Engine:
         if tokenizer is not None:
             self.eos_ids = set(tokenizer.eos_ids)
         else:
-            eos = cfg.eos_token_id
-            self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+            self.eos_ids = set(token_id_list(cfg.eos_token_id))
         if num_blocks is None:
             num_blocks = self._default_num_blocks(block_size, max_num_seqs, kv_cache_bytes)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -323,9 +323,8 @@ class Engine:
         outs = []
         for seq in req.seqs:
             text = seq.text
-            if not seq.is_finished:  # hold back what may still turn into a stop string or a wider character
-                text = text[:len(text) - hold] if hold else text
-                text = text.rstrip("\ufffd")
+            if not seq.is_finished and hold:  # hold back what may still turn into a stop string
+                text = text[:len(text) - hold]
             delta_text = text[seq.sent_chars:] if len(text) > seq.sent_chars else ""
             delta_ids = seq.output_ids[seq.sent_tokens:]
             seq.sent_chars, seq.sent_tokens = max(seq.sent_chars, len(text)), len(seq.output_ids)

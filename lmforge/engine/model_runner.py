@@ -2,9 +2,10 @@
 
 The runner prepares metadata and calls the model's one forward pass; it never re-implements it. All new
 tokens of the step are packed into one row [1, N]; projections, norms and MLPs run on it as one batch.
-The model asks its KV store for an attention step: here ``PagedStep``, with which each layer writes the step's new keys/values straight into their pool slots, then
-attends per sequence over keys gathered from that sequence's blocks only, so the cost is the sum of each
-sequence's (new tokens x context), not (all new tokens x all contexts):
+The model asks its KV store for an attention step: here ``PagedStep``, with which each layer writes the
+step's new keys/values straight into their pool slots, then attends per sequence over keys gathered from
+that sequence's blocks only, so the cost is the sum of each sequence's (new tokens x context), not (all new
+tokens x all contexts):
   - decode tokens (one query each) run as one padded batch [B, H, 1, D] over [B, K, S_max, D];
   - each prefill chunk runs alone: queries [1, H, n, D] over its own context, causal from its offset.
 A varlen / paged attention kernel (FlashAttention, FlexAttention) is the GPU upgrade of the same plan.

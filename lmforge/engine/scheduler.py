@@ -4,9 +4,10 @@ Each step has a token budget (``max_num_batched_tokens``) and a cap on running s
 (``max_num_seqs``). Running sequences go first, oldest first: a decode costs one token, an unfinished
 prompt takes the next chunk that fits (chunked prefill), so long prompts never stall decodes. Leftover
 budget admits waiting requests in arrival order; a prompt that a running sequence is still prefilling is
-not prefilled twice at once (its twins wait a step and share its blocks). When the KV pool runs dry, the newest running sequence
-is preempted by recompute: its blocks are freed and it goes back to the front of the queue (its tokens,
-prompt and output, are prefilled again later; the prefix cache usually hands most of them back).
+not prefilled twice at once (its twins wait a step and share its blocks). When the KV pool runs dry, the
+newest running sequence is preempted by recompute: its blocks are freed and it goes back to the front of the
+queue (its tokens, prompt and output, are prefilled again later; the prefix cache usually hands most of them
+back).
 With speculative decoding (``num_lookahead_slots`` = k), a decode reserves KV slots and budget for k draft
 tokens as well, and is granted fewer when the budget is short (``ScheduledSeq.lookahead``).
 """
@@ -77,7 +78,8 @@ class Scheduler:
             return batch
         # A prompt being prefilled by a running sequence: its twins (the other samples of an n > 1 request, or
         # repeated prompts) wait until its blocks are computed, then take them from the prefix cache.
-        in_flight = {s.prompt_key for s in self.running if s.num_computed_tokens < len(s.prompt_ids)}
+        in_flight = ({s.prompt_key for s in self.running if s.num_computed_tokens < len(s.prompt_ids)}
+                     if self.waiting else set())
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]

@@ -21,7 +21,7 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _ids(value: Any) -> list[int]:
+def token_id_list(value: Any) -> list[int]:
     """An ``eos_token_id`` field (an int, a list of ints, or null) as a list."""
     if isinstance(value, bool):
         return []
@@ -37,7 +37,7 @@ def default_eos_ids(model: Transformer) -> list[int]:
     (often a list with the end-of-turn token, e.g. ``<|im_end|>`` or ``<|eot_id|>``; ``load_model`` keeps
     it as ``model.generation_config``) followed by ``config.json``'s, without repeats."""
     generation_config = getattr(model, "generation_config", None) or {}
-    found = _ids(generation_config.get("eos_token_id")) + _ids(model.config.eos_token_id)
+    found = token_id_list(generation_config.get("eos_token_id")) + token_id_list(model.config.eos_token_id)
     return [i for i in dict.fromkeys(found) if 0 <= i < model.config.vocab_size]
 
 

@@ -131,7 +131,8 @@ class ContiguousStep:
 
     def __init__(self, positions: Tensor, valid: Tensor, start: int, t: int, padded: bool,
                  cache: "KVCache | None" = None) -> None:
-        self.positions, self.valid, self.start, self.t, self.padded, self.cache = positions, valid, start, t, padded, cache
+        self.positions, self.valid, self.start, self.t = positions, valid, start, t
+        self.padded, self.cache = padded, cache
         self._masks: dict[int | None, Tensor | None] = {}
 
     def mask_for(self, window: int | None) -> Tensor | None:
@@ -422,6 +423,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.last_router_logits: list[Tensor] | None = None
         self._rope_cache: dict[tuple, tuple[Tensor, float]] = {}
+        self.attention_windows = {config.window(i) for i in range(config.num_layers)}  # None: full attention
 
     # -- helpers --
     @property
@@ -530,16 +532,12 @@ class Transformer(nn.Module):
         Same result as ``forward(tokens[:, None], cache=cache)[:, -1]``, through a ``SlotStep`` whose tensors
         have fixed shapes, so ``compiled`` (``torch.compile(model.forward)``) traces it once per cache size.
         """
-        step = cache.begin_slot(tokens.shape[0], self._windows)
+        step = cache.begin_slot(tokens.shape[0], self.attention_windows)
         return (compiled or self.forward)(tokens[:, None], cache=step)[:, -1]
-
-    @property
-    def _windows(self) -> set[int | None]:
-        return {self.config.window(i) for i in range(self.config.num_layers)}
 
     def hook_names(self) -> list[str]:
         """Every hook point of this model, in the order the forward pass reaches them."""
-        blocks = [f"blocks.{i}.hook_{p}" for i in range(self.config.num_layers) for p in BLOCK_HOOK_POINTS]
+        blocks = [name for block in self.model.layers for name in block.hook_names.values()]
         return ["hook_embed", *blocks, "ln_final.hook_normalized"]
 
     def unembed(self, hidden: Tensor) -> Tensor:

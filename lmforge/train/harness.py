@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.io import atomic_file
 from lmforge.models.device import pick_device
 from lmforge.train import checkpoint as ckpt

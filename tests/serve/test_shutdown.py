@@ -56,6 +56,16 @@ def _wait_running(base: str, n: int, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _start_long_requests(base: str, results: dict) -> list[threading.Thread]:
+    """A plain and a streaming long request on their own threads, both running on the server on return."""
+    threads = [threading.Thread(target=_call, args=(base, s, results, k), daemon=True)
+               for s, k in ((False, "plain"), (True, "stream"))]
+    for t in threads:
+        t.start()
+    _wait_running(base, 2)
+    return threads
+
+
 def _check_answers(results: dict) -> None:
     status, body = results["plain"]
     assert status in (200, 503, "closed"), results["plain"]  # finished, aborted, or dropped: never a 500
@@ -82,11 +92,7 @@ def test_drain_aborts_running_requests_after_the_grace(model_path):
     runner = app.state.runner
     with running(app) as base:
         results: dict = {}
-        threads = [threading.Thread(target=_call, args=(base, s, results, k), daemon=True)
-                   for s, k in ((False, "plain"), (True, "stream"))]
-        for t in threads:
-            t.start()
-        _wait_running(base, 2)
+        threads = _start_long_requests(base, results)
         started = time.monotonic()
         runner.drain(0.5)
         for t in threads:
@@ -128,11 +134,7 @@ def test_sigterm_with_a_long_request_in_flight_exits_within_the_grace(model_path
                 pass
             time.sleep(0.2)
         results: dict = {}
-        threads = [threading.Thread(target=_call, args=(base, s, results, k), daemon=True)
-                   for s, k in ((False, "plain"), (True, "stream"))]
-        for t in threads:
-            t.start()
-        _wait_running(base, 2)
+        threads = _start_long_requests(base, results)
         time.sleep(0.3)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
