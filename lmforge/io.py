@@ -67,22 +67,30 @@ def read_json_object(file: str | os.PathLike, error: type[Exception] = LmforgeEr
     return raw
 
 
-def iter_jsonl(path: str | os.PathLike, error: type[Exception] = LmforgeError) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = LmforgeError,
+               errors: str = "strict") -> Iterator[tuple[str, Any]]:
     """``(file:line, value)`` for each non-blank line of a JSONL file.
 
-    Bad UTF-8 or bad JSON raises ``error`` naming the file and line; what a record must contain is the
-    caller's to check (it knows the field names).
+    Bad UTF-8 (unless ``errors="replace"``, which decodes it as U+FFFD) or bad JSON raises ``error`` naming the
+    file, line and byte offset in the file; what a record must contain is the caller's to check (it knows the
+    field names).
     """
+    offset = 0  # of the current line in the file, so a bad byte is located exactly
     with open(path, "rb") as fh:  # binary, so a bad UTF-8 byte can be reported with its line number
         for n, raw in enumerate(fh, 1):
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:
-                raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+                raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line, byte offset "
+                            f"{offset + e.start} in the file)") from None
+            offset += len(raw)
+            raw = None  # a line can be 100s of MB: keep only the parsed value while the caller works on it
+            if not line or line.isspace():  # not strip(): that would copy the line
                 continue
             try:
-                yield where, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e.msg})") from None
+            line = None
+            yield where, value

@@ -76,3 +76,25 @@ def test_decode_profile_buckets_both_libraries(tiny_checkpoint, one_thread):
         assert r["ops"]["matmul (layers)"] == 14 and r["ops"]["matmul (LM head)"] == 1
         assert r["ops"]["norms"] > 0 and r["ops"]["RoPE"] > 0 and r["ops"]["attention (SDPA)"] > 0
         assert sum(r["fraction"].values()) == pytest.approx(1.0)
+
+
+def test_quant_speed_runs_on_a_saved_model(tiny_checkpoint, one_thread):
+    results = load_script("quant_speed").main(["--model", str(tiny_checkpoint), "--quick", "--threads", "1",
+                                               "--no-llama-cpp"])
+    rows = results["models"][str(tiny_checkpoint)]["rows"]
+    assert list(rows) == ["lmforge float32", "lmforge bfloat16", "lmforge int8", "lmforge int4 g32",
+                          "transformers float32"]
+    assert all(r["decode_tok_s"] > 0 and r["roofline_fraction"] > 0 for r in rows.values())
+    order = ("lmforge float32", "lmforge bfloat16", "lmforge int8", "lmforge int4 g32")
+    mb = [rows[k]["bytes_per_token"] for k in order]
+    assert mb == sorted(mb, reverse=True)  # each format streams fewer bytes than the one before
+    assert rows["transformers float32"]["perplexity"] == pytest.approx(rows["lmforge float32"]["perplexity"], rel=1e-4)
+    assert abs(rows["lmforge int8"]["perplexity_change"]) < 0.01
+
+
+def test_quant_speed_kernel_sweep_times_every_candidate(one_thread):
+    results = load_script("quant_speed").main(["--kernels", "--quick", "--threads", "1"])
+    sweep = results["kernels"]["tiny (2 x 64)"]
+    assert set(sweep["ms_min"]) == {"fp32", "bf16", "int8 (int8pack)", "int8 (2 x int4, chosen)", "int4 g32",
+                                    "int4 g64", "int4 g128"}
+    assert all(v > 0 for v in sweep["ms_min"].values())

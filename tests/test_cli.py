@@ -93,16 +93,19 @@ def test_generation_rates_line():
 
 @pytest.mark.parametrize("argv", [["generate", "--prompt", "hi", "--model"], ["chat", "--model"],
                                   ["serve", "--model"], ["inspect"]])
-def test_a_gguf_file_is_one_clear_line(argv, tmp_path, capsys):
+def test_a_truncated_gguf_file_is_one_clear_line(argv, tmp_path, capsys):
     gguf = tmp_path / "model.Q4_K_M.gguf"
-    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and version, then nothing
     assert main([*argv, str(gguf)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"{gguf} is a file, not a model directory: GGUF files are not supported yet" in err
+    if argv == ["inspect"]:  # inspect reads Hugging Face directories only, and says where GGUF is read
+        assert "is a GGUF file" in err and "load_model and load_tokenizer" in err
+    else:
+        assert f"{gguf}: cannot read the GGUF file" in err and "truncated or corrupt" in err
 
 
-def test_load_model_and_load_tokenizer_name_a_gguf_file(tmp_path):
+def test_load_model_and_load_tokenizer_name_a_broken_gguf_file(tmp_path):
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.errors import CheckpointError
     from lmforge.models.checkpoint import load_model
@@ -110,7 +113,7 @@ def test_load_model_and_load_tokenizer_name_a_gguf_file(tmp_path):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     for load in (load_model, load_tokenizer):
-        with pytest.raises(CheckpointError, match="not a model directory: GGUF files are not supported yet"):
+        with pytest.raises(CheckpointError, match="tiny.gguf: cannot read the GGUF file .*truncated or corrupt"):
             load(gguf)
     other = tmp_path / "notes.txt"
     other.write_text("x")

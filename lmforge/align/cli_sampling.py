@@ -42,7 +42,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def _load_reward_model(args: argparse.Namespace, device):
-    from lmforge.align.reward_model import load_reward_model
+    from lmforge.models.reward import load_reward_model
 
     return load_reward_model(args.reward_model, device=device) if args.reward_model else None
 

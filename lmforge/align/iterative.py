@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 
 from lmforge.align.rejection import PromptResult, RejectionConfig, best_of_n
 from lmforge.align.rewards import RewardFn
-from lmforge.align.reward_model import RewardModel
 from lmforge.data.chat import read_prompt_jsonl
 from lmforge.data.synthetic import write_jsonl
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_directory, atomic_file
 from lmforge.models.model import Transformer
+from lmforge.models.reward import RewardModel
 
 
 def _mean(xs: Sequence[float]) -> float | None:

@@ -38,12 +38,12 @@ from torch import nn
 
 from lmforge.align.grpo import _sequences
 from lmforge.align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs, whiten
-from lmforge.align.reward_model import RewardModel
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models.model import Transformer
+from lmforge.models.reward import RewardModel
 
 logger = logging.getLogger(__name__)
 

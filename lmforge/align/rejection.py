@@ -15,14 +15,14 @@ from typing import Sequence
 
 import torch
 
-from lmforge.align.reward_model import RewardModel
 from lmforge.align.rewards import RewardFn, safe_reward
 from lmforge.data.chat import Messages, prompt_messages, validate_messages
 from lmforge.data.synthetic import write_jsonl
-from lmforge.errors import ConfigError, LmforgeError
 from lmforge.engine.complete import complete
 from lmforge.engine.sequence import SamplingParams
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models.model import Transformer
+from lmforge.models.reward import RewardModel
 
 
 @dataclass

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -29,6 +30,14 @@ CACHE_VERSION = 2
 # encode_batch runs on all cores; a chunk must be big enough to keep them busy but bounded in memory.
 CHUNK_DOCS = 1024
 CHUNK_CHARS = 8 << 20
+# A document longer than this is tokenized as pieces of at most this many characters (cut at a word boundary,
+# see ``iter_cuts``): the tokenizer's working memory grows faster than linearly with the length of one input
+# (a 110 MB single-line document took >15 GB), and 64K characters keeps a long document's pieces as cheap as
+# ordinary documents. Pieces go through encode_batch like documents; only a document's last is followed by EOS.
+PIECE_CHARS = 1 << 16
+# How undecodable bytes in text files are treated: "strict" (an error naming the file and byte offset) or
+# "replace" (U+FFFD, only when asked for explicitly).
+TEXT_ERRORS = ("strict", "replace")
 
 
 # ---- reading documents ------------------------------------------------------------------------------
@@ -53,25 +62,50 @@ def _readable_suffix(f: Path) -> bool:
     return f.suffix in TEXT_SUFFIXES or f.suffix in (".jsonl", ".parquet")
 
 
-def read_documents(paths: Sequence[str | Path], text_field: str = "text", glob: str = "**/*") -> Iterator[str]:
+def read_documents(paths: Sequence[str | Path], text_field: str = "text", glob: str = "**/*",
+                   errors: str = "strict") -> Iterator[str]:
     """Yield documents in a deterministic order; empty documents are skipped.
 
     A text file is one document, a JSONL line or a Parquet row is one document (field/column ``text_field``).
     Directories are walked in sorted order, keeping files that match ``glob`` and have a known suffix.
+    ``errors``: "strict" (default) rejects a text or JSONL file that is not UTF-8 (or, for text files, holds a
+    NUL byte: a binary file), naming the file and byte offset; "replace" decodes bad bytes as U+FFFD.
     """
+    _check_errors(errors)
     for f in expand_paths(paths, glob):
         if f.suffix == ".jsonl":
-            yield from _read_jsonl(f, text_field)
+            yield from _read_jsonl(f, text_field, errors)
         elif f.suffix == ".parquet":
             yield from _read_parquet(f, text_field)
         else:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
+            text = read_text_file(f, errors)
+            if text and not text.isspace():  # not strip(): that copies a file that can be 100s of MB
                 yield text
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    for where, record in iter_jsonl(path):
+def _check_errors(errors: str) -> None:
+    if errors not in TEXT_ERRORS:
+        raise LmforgeError(f"errors must be one of {', '.join(TEXT_ERRORS)}, got {errors!r}")
+
+
+def read_text_file(path: Path, errors: str = "strict") -> str:
+    """A text file's contents; with ``errors="strict"`` bad UTF-8 or a NUL byte raises, naming file and offset."""
+    raw = path.read_bytes()
+    if errors == "replace":
+        return raw.decode("utf-8", errors="replace")
+    nul = raw.find(b"\0")
+    if nul >= 0:  # valid UTF-8 but not text: training on it would teach the model binary noise
+        raise LmforgeError(f"{path}: NUL byte at byte offset {nul}; a binary file, not text "
+                           "(remove it from the data, or narrow data.glob)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason}); convert it to UTF-8, "
+                           "or read it with errors='replace' to train on U+FFFD in its place") from None
+
+
+def _read_jsonl(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+    for where, record in iter_jsonl(path, errors=errors):
         if not isinstance(record, dict) or field not in record:
             raise LmforgeError(f"{where}: record has no {field!r} field")
         text = record[field]
@@ -159,47 +193,103 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+# Safe places to cut a long text, best first: just before a single space that sits between two non-space
+# characters (" word" stays whole: GPT-2/Llama-3 style byte-level pre-tokenizers and Metaspace give the same
+# tokens as for the uncut text), else just after a lone newline between non-space characters.
+_CUTS = (re.compile(r"(?<=\S)(?= \S)"), re.compile(r"(?<=\S\n)(?=\S)"))
+_CUT_BLOCK = 4096  # search backwards from the limit in blocks of this many characters
+
+
+def iter_cuts(text: str, max_chars: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive pieces of ``text``, each at most ``max_chars`` characters, covering it.
+
+    Each cut is at the last safe place (see ``_CUTS``) in the second half of the allowed span, so the tokens of
+    the pieces are those of the whole text for byte-level BPE and Metaspace tokenizers (a tokenizer that adds a
+    prefix to every encode call differs by that prefix per piece); a span with no safe place (one huge "word")
+    is cut at ``max_chars``, where at most the tokens around the cut differ. Lazy, so a caller can hold one
+    piece at a time beside the text.
+    """
+    start = 0
+    while len(text) - start > max_chars:
+        hi, lo = start + max_chars, start + max(1, max_chars // 2)
+        cut = next((c for pattern in _CUTS if (c := _last_match(pattern, text, lo, hi)) is not None), hi)
+        yield start, cut
+        start = cut
+    yield start, len(text)
+
+
+def _last_match(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None:
+    """The last position in ``[lo, hi]`` where the zero-width ``pattern`` matches in ``text``, or None."""
+    end = hi
+    while end > lo:
+        begin = max(lo, end - _CUT_BLOCK)
+        found = None
+        # pos/endpos rather than a slice: the lookbehind sees text before ``begin``, and an endpos a little
+        # past the block lets the lookahead see the characters after a cut at its very end.
+        for m in pattern.finditer(text, begin, min(len(text), end + 2)):
+            if m.start() <= end:
+                found = m.start()
+        if found is not None:
+            return found
+        end = begin
+    return None
+
+
 class _SplitWriter:
-    """Buffers one split's documents and streams their ids, each followed by EOS, to an open file."""
+    """Buffers one split's documents and streams their ids, each followed by EOS, to an open file.
+
+    A long document is buffered as bounded pieces (``iter_cuts``), so one encode_batch call never holds
+    more than about ``CHUNK_CHARS`` characters plus one piece, whatever the document length."""
 
     def __init__(self, out: BinaryIO, tokenizer, dtype: str) -> None:
         self.out, self.tokenizer, self.dtype = out, tokenizer, dtype
         self.limit = np.iinfo(dtype).max
         self.chunk: list[str] = []
+        self.ends: list[bool] = []  # chunk[i] is the last piece of its document: EOS follows it
         self.chars = self.num_tokens = self.num_docs = 0
+        self.added = 0  # documents given to add(), flushed or not
 
     def add(self, doc: str) -> None:
-        self.chunk.append(doc)
-        self.chars += len(doc)
-        if len(self.chunk) >= CHUNK_DOCS or self.chars >= CHUNK_CHARS:
-            self.flush()
+        self.added += 1
+        for start, end in iter_cuts(doc, PIECE_CHARS):
+            self.chunk.append(doc if end - start == len(doc) else doc[start:end])  # no copy of a short document
+            self.ends.append(end == len(doc))
+            self.chars += end - start
+            if len(self.chunk) >= CHUNK_DOCS or self.chars >= CHUNK_CHARS:
+                self.flush()
 
     def flush(self) -> None:
         if not self.chunk:
             return
-        flat: list[int] = []
-        for ids in self.tokenizer.encode_batch(self.chunk, add_special_tokens=False):
-            flat.extend(ids)
-            flat.append(self.tokenizer.eos_id)
-        arr = np.asarray(flat, dtype=np.int64)
+        eos = np.array([self.tokenizer.eos_id], dtype=np.int64)
+        parts: list[np.ndarray] = []
+        for ids, end in zip(self.tokenizer.encode_batch(self.chunk, add_special_tokens=False), self.ends):
+            parts.append(np.asarray(ids, dtype=np.int64))
+            if end:
+                parts.append(eos)
+        arr = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() > self.limit):  # would wrap silently in the cast
             raise LmforgeError(f"token id {int(arr.max())} does not fit the cache dtype {self.dtype} "
                                f"(tokenizer vocab_size={self.tokenizer.vocab_size})")
         self.out.write(arr.astype(self.dtype).tobytes())
         self.num_tokens += arr.size
-        self.num_docs += len(self.chunk)
+        self.num_docs += sum(self.ends)
         self.chunk.clear()
+        self.ends.clear()
         self.chars = 0
 
 
 def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | Path, *,
                       val_paths: Sequence[str | Path] = (), val_fraction: float = 0.0, text_field: str = "text",
-                      glob: str = "**/*", max_docs: int | None = None, seed: int = 0) -> TokenCaches:
+                      glob: str = "**/*", max_docs: int | None = None, seed: int = 0,
+                      errors: str = "strict") -> TokenCaches:
     """Tokenize the documents of ``paths`` into a flat token file per split under ``cache_dir``.
 
     Every document is followed by EOS: document boundaries are EOS separators in the stream. Documents are
     tokenized in chunks with the tokenizer's ``encode_batch`` (the Rust tokenizers library runs a batch on
-    all CPU cores) and streamed to disk, so memory stays bounded. The ids are stored as uint16 when the
+    all CPU cores) and streamed to disk, and a document longer than ``PIECE_CHARS`` is tokenized in pieces cut
+    at word boundaries, so memory stays bounded whatever the document length (the document's own text is held
+    once, as read). ``errors``: how text files with bytes that are not UTF-8 are read (``read_documents``). The ids are stored as uint16 when the
     vocabulary fits, else uint32, beside a JSON meta file written last (atomically): its presence means the
     ``.bin`` files are complete.
 
@@ -213,6 +303,7 @@ def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | P
         raise LmforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if tokenizer.eos_id is None:
         raise LmforgeError("the tokenizer has no EOS token to separate documents")
+    _check_errors(errors)
     files = expand_paths(paths, glob)
     val_files = expand_paths(val_paths, glob) if val_paths else []
     # The name says *what* is cached; the key adds the source state, so an edit rebuilds in place
@@ -221,6 +312,8 @@ def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | P
                 "val_paths": [str(Path(p).resolve()) for p in val_paths], "glob": glob, "text_field": text_field,
                 "val_fraction": val_fraction if not val_files else None, "max_docs": max_docs, "seed": seed,
                 "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if errors != "strict":  # only then: caches built before this option keep their names
+        identity["errors"] = errors
     key = {**identity, "version": CACHE_VERSION, "sources": _fingerprint_sources(files),
            "val_sources": _fingerprint_sources(val_files)}
     name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -242,13 +335,13 @@ def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | P
                 return train
             if _is_val(index, seed, val_fraction):
                 return val
-            if is_last and val_fraction > 0 and index > 0 and val.num_docs + len(val.chunk) == 0:
+            if is_last and val_fraction > 0 and index > 0 and val.added == 0:
                 return val  # a tiny corpus still gets one held-out document
             return train
 
         pending: str | None = None  # held back one step, since only the last document may need rerouting
         n_docs = 0
-        for doc in read_documents(files, text_field, glob):
+        for doc in read_documents(files, text_field, glob, errors):
             if max_docs is not None and n_docs >= max_docs:
                 break
             if pending is not None:
@@ -257,7 +350,7 @@ def build_token_cache(paths: Sequence[str | Path], tokenizer, cache_dir: str | P
         if pending is None:
             raise LmforgeError(f"no documents found in {', '.join(map(str, paths))}")
         split_of(n_docs - 1, is_last=True).add(pending)
-        for doc in read_documents(val_files, text_field, glob) if val_files else ():
+        for doc in read_documents(val_files, text_field, glob, errors) if val_files else ():
             val.add(doc)
         train.flush()
         val.flush()

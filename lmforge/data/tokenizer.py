@@ -9,13 +9,16 @@ so a model trained here can be served by anything in that ecosystem and vice ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +26,8 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import jinja2.visitor
+from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
@@ -120,11 +124,237 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# ---- chat template cost bounds ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TemplateLimits:
+    """What rendering one chat template may cost. The sandbox stops a template (it comes with a model
+    directory) from escaping; these stop it, or a conversation fed to it, from burning unbounded CPU time or
+    memory: string/list repetition and concatenation, nested loops, huge format widths."""
+
+    max_seconds: float = 10.0  # wall time of one render
+    max_steps: int = 2_000_000  # loop iterations + calls + guarded operators in one render
+    max_output_chars: int = 20_000_000  # characters rendered (captured blocks and expression output count)
+    max_value_chars: int = 20_000_000  # longest string, list or dict any one operation may build
+    max_int_arg: int = MAX_RANGE  # largest integer a string method or filter takes (widths, counts)
+
+
+_DEFAULT_TEMPLATE_LIMITS = TemplateLimits()
+_TEMPLATE_LIMITS: ContextVar[TemplateLimits | None] = ContextVar("lmforge_template_limits", default=None)
+
+
+@contextlib.contextmanager
+def chat_template_limits(limits: TemplateLimits) -> Iterator[None]:
+    """Render chat templates under ``limits`` inside this block (this thread / task only)."""
+    token = _TEMPLATE_LIMITS.set(limits)
+    try:
+        yield
+    finally:
+        _TEMPLATE_LIMITS.reset(token)
+
+
+class TemplateCostError(LmforgeError):
+    """A chat template went past its TemplateLimits while rendering."""
+
+
+class _Budget:
+    """One render's running costs against its limits."""
+
+    def __init__(self, limits: TemplateLimits) -> None:
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.max_seconds
+        self.steps = 0
+        self.output = 0
+
+    def fail(self, what: str) -> None:
+        raise TemplateCostError(f"chat template rendering stopped: {what} (the model's chat template, or this "
+                                "conversation, is too costly to render)")
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps & 31:  # the clock every 32 steps: each step is size-bounded, so this overruns little
+            return
+        if self.steps > self.limits.max_steps:
+            self.fail(f"more than {self.limits.max_steps} loop iterations, calls and operations")
+        if time.monotonic() > self.deadline:
+            self.fail(f"it took longer than {self.limits.max_seconds:g} s")
+
+    def size(self, n: int, what: str = "a value") -> None:
+        if n > self.limits.max_value_chars:
+            self.fail(f"{what} of {n} items/characters would exceed {self.limits.max_value_chars}")
+
+    def emit(self, n: int) -> None:
+        self.output += n
+        if self.output > self.limits.max_output_chars:
+            self.fail(f"it rendered more than {self.limits.max_output_chars} characters")
+
+    def ints(self, args: Iterable[Any], what: str) -> None:
+        for a in args:
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.limits.max_int_arg:
+                self.fail(f"{what} was given the integer {a} (at most {self.limits.max_int_arg})")
+
+    def result(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict, set, bytes)):
+            self.size(len(value))
+        return value
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("lmforge_template_budget", default=None)
+_FORMAT_NUMBER = re.compile(r"\d+")
+
+
+def _sized(x: Any) -> int:
+    return len(x) if isinstance(x, (str, list, tuple, dict, set, bytes)) else 0
+
+
+class _CountedIterable:
+    """A for-loop's iterable that charges one step per item (``len`` still works, for ``loop.length``)."""
+
+    def __init__(self, iterable: Any, budget: _Budget) -> None:
+        self._iterable, self._budget = iterable, budget
+
+    def __len__(self) -> int:
+        return len(self._iterable)
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._iterable:
+            self._budget.step()
+            yield item
+
+
+class _CostGuard(jinja2.ext.Extension):
+    """Helpers the rewritten template calls: every for-loop's iterable and every ``~`` concatenation pass
+    through here (see ``_GuardRewrite``), so nested loops and doubling strings are counted."""
+
+    def _iterate(self, iterable: Any) -> Any:
+        budget = _BUDGET.get()
+        return iterable if budget is None else _CountedIterable(iterable, budget)
+
+    def _concat(self, *parts: Any) -> str:
+        strs = [str(p) for p in parts]
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.size(sum(map(len, strs)), "a ~ concatenation")
+        return "".join(strs)
+
+
+class _GuardRewrite(jinja2.visitor.NodeTransformer):
+    def __init__(self, guard: _CostGuard) -> None:
+        self.guard = guard
+
+    def visit_For(self, node: jinja2.nodes.For) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = self.guard.call_method("_iterate", [node.iter], lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        return self.guard.call_method("_concat", list(node.nodes), lineno=node.lineno)
+
+
+def _guard_filter(name: str, func: Callable) -> Callable:
+    @wraps(func)  # keeps jinja's pass_context/pass_eval_context marker
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        # No render running: jinja is folding a constant filter call at compile time; check it all the same
+        # (a refusal here only stops the folding, and the render then refuses it with the render's budget).
+        budget = _BUDGET.get() or _Budget(_TEMPLATE_LIMITS.get() or _DEFAULT_TEMPLATE_LIMITS)
+        budget.step()
+        # The parameters, not the value filtered (``{{ 10**9 | string }}`` is fine, ``center(10**9)`` is not).
+        params = args[2 if getattr(func, "jinja_pass_arg", None) is not None else 1:]
+        budget.ints([*params, *kwargs.values()], f"the {name} filter")
+        if name == "join":  # the result's size is known before it is built
+            items = [a for a in args if isinstance(a, (list, tuple))]
+            sep = kwargs.get("d", next((a for a in args[2:3] if isinstance(a, str)), ""))
+            if items:
+                budget.size(sum(_sized(x) for x in items[0]) + len(sep) * len(items[0]), "the join filter's result")
+        return budget.result(func(*args, **kwargs))
+
+    return guarded
+
+
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox plus cost bounds (TemplateLimits), active while ``Tokenizer.render_chat`` renders."""
+
+    # Not constant-folded at compile time either: jinja skips folding intercepted operators.
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
+        tree = super()._parse(source, name, filename)
+        return _GuardRewrite(self.extensions[_CostGuard.identifier]).visit(tree)
+
+    def call_binop(self, context: jinja2.runtime.Context, operator_: str, left: Any, right: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is None:
+            return self.binop_table[operator_](left, right)
+        budget.step()
+        if operator_ == "*":  # a repetition's size is known before it is built
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(times, int) and _sized(seq):
+                    budget.size(_sized(seq) * max(times, 0), "a repetition")
+        elif operator_ == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+                budget.fail(f"the power {left} ** {right} is too large")
+        elif operator_ == "%" and isinstance(left, str):
+            self._check_format(budget, left, right if isinstance(right, tuple) else (right,))
+        # "+": both sides are within the size bound already, so checking the sum after building it suffices
+        return budget.result(self.binop_table[operator_](left, right))
+
+    def _check_format(self, budget: _Budget, fmt: str, args: Iterable[Any]) -> None:
+        # Widths and precisions ("%0999999999d", "{:>999999999}") build strings of that size.
+        budget.ints((int(n) for n in _FORMAT_NUMBER.findall(fmt) if len(n) < 20), "a format width")
+        if any(len(n) >= 20 for n in _FORMAT_NUMBER.findall(fmt)):
+            budget.fail("a format width is too large")
+        budget.ints(args, "a format")
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt = value.__self__
+
+        @wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> str:
+            budget = _BUDGET.get()
+            if budget is not None:
+                self._check_format(budget, fmt, [*args, *kwargs.values()])
+                return budget.result(wrapped(*args, **kwargs))
+            return wrapped(*args, **kwargs)
+
+        return checked
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: PYI063
+        # (jinja's own signature: double underscores so no keyword argument of the call can clash)
+        budget = _BUDGET.get()
+        if budget is None:
+            return super().call(__context, __obj, *args, **kwargs)
+        budget.step()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):  # string methods that grow the string: check the size before building it
+            budget.ints([*args, *kwargs.values()], f"str.{getattr(__obj, '__name__', '?')}")
+            name = getattr(__obj, "__name__", "")
+            if name == "join" and args and isinstance(args[0], (list, tuple)):
+                budget.size(sum(_sized(x) for x in args[0]) + len(owner) * len(args[0]), "a join")
+            elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+                budget.size(len(owner) + (len(owner) + 1) * len(args[1]), "a replace")
+            elif name == "expandtabs":
+                width = args[0] if args else kwargs.get("tabsize", 8)
+                budget.size(len(owner) * max(int(width), 1), "expandtabs")
+        return budget.result(super().call(__context, __obj, *args, **kwargs))
+
+
+def _count_output(value: Any) -> Any:
+    # jinja's finalize: sees every {{ expression }}'s value, captured blocks ({% set x %}) included
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.emit(len(value) if isinstance(value, str) else len(str(value)))
+    return value
+
+
 @lru_cache(maxsize=32)
 def _compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
+    env = _TemplateEnvironment(trim_blocks=True, lstrip_blocks=True, finalize=_count_output,
+                               extensions=[_GenerationTracker, jinja2.ext.loopcontrols, _CostGuard])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = lambda *a, **k: dict(*a, **k)  # a plain callable, no class attributes to abuse
@@ -185,8 +415,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path.parent
     tok_file = path / "tokenizer.json"
     if path.is_file() and path.suffix.lower() == ".gguf":
-        raise CheckpointError(f"{path} is a file, not a model directory: GGUF files are not supported yet; give a "
-                              "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+        return _load_gguf_tokenizer(path)
     if path.is_file():
         raise CheckpointError(f"{path} is a file, not a tokenizer directory (expected a directory with tokenizer.json)")
     if not path.is_dir():
@@ -226,6 +455,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                      chat_template=chat_template, extra_eos_ids=gen_eos_ids,
                      model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 2**62 else None,
                      clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+
+
+def _load_gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer and chat template in a GGUF file's metadata (rebuilt as transformers' GGUF loader does)."""
+    from lmforge.models.gguf import read_gguf_tokenizer
+
+    parts = read_gguf_tokenizer(path)
+    if parts.chat_template is not None:
+        try:
+            _compile_template(parts.chat_template)
+        except LmforgeError as e:
+            raise CheckpointError(f"{path}: tokenizer.chat_template: {e}") from None
+    return Tokenizer(parts.backend, special_tokens=parts.special_tokens, chat_template=parts.chat_template,
+                     extra_eos_ids=parts.eos_ids)
 
 
 # ---- the tokenizer ------------------------------------------------------------------------------
@@ -323,17 +566,28 @@ class Tokenizer:
         chunks: list[str] = []
         spans: list[tuple[int, int]] = []
         token = _GenerationTracker._tracking.set((chunks, spans))
+        budget = _Budget(_TEMPLATE_LIMITS.get() or _DEFAULT_TEMPLATE_LIMITS)
+        budget_token = _BUDGET.set(budget)
+        rendered = 0
         try:
             # Appending one chunk at a time is what lets the generation tracker measure offsets.
             for chunk in compiled.generate(**variables):
-                chunks.append(chunk)  # noqa: PERF402
+                chunks.append(chunk)
+                rendered += len(chunk)
+                if rendered > budget.limits.max_output_chars:
+                    budget.fail(f"it rendered more than {budget.limits.max_output_chars} characters")
         except LmforgeError:
             raise
+        except MemoryError:
+            raise TemplateCostError("chat template rendering ran out of memory") from None
+        except RecursionError:
+            raise TemplateCostError("chat template rendering recursed too deeply") from None
         except jinja2.TemplateError as e:
             raise LmforgeError(f"chat template failed to render: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise LmforgeError(f"chat template failed to render: {type(e).__name__}: {e}") from None
         finally:
+            _BUDGET.reset(budget_token)
             _GenerationTracker._tracking.reset(token)
         return "".join(chunks), spans
 

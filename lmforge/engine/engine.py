@@ -12,6 +12,8 @@ its caller only once); ``stream`` is the one-request version of that loop.
 from __future__ import annotations
 
 import itertools
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,8 +25,10 @@ from lmforge.errors import LmforgeError
 from lmforge.models.device import pick_device
 from lmforge.models.generate import token_id_list
 from lmforge.models.model import Transformer
+from lmforge.models.thinking import ThinkingBudget
 from lmforge.engine.block_manager import BlockManager
-from lmforge.engine.model_runner import Feed, ModelRunner
+from lmforge.engine.kv_quant import parse_kv_cache_dtype
+from lmforge.engine.model_runner import Feed, ModelRunner, QuantizedModelRunner
 from lmforge.engine.sampler import Sampler
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import SamplingParams, Sequence
@@ -54,12 +58,33 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens of the first sample served from the prefix cache
 
 
+class StopStrings:
+    """A request's stop strings, compiled once: one regex over the escaped alternatives (the scan runs in C,
+    not a Python loop over the list) and the longest length, which bounds how far back a new match can
+    start. Per token only the newly decoded piece plus ``longest - 1`` characters before it are searched."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.longest = max(len(s) for s in stops)
+        # Longest first: at one start position the longer alternative wins (the cut point is the same).
+        self.pattern = re.compile("|".join(re.escape(s) for s in sorted(set(stops), key=len, reverse=True)))
+
+    def find(self, text: str, new_from: int) -> int:
+        """Start of the earliest stop string at or after ``longest - 1`` characters before ``new_from`` (where
+        the newly decoded text begins; an earlier match would have been found a token ago); -1 if none."""
+        m = self.pattern.search(text, max(new_from - self.longest + 1, 0))
+        return m.start() if m else -1
+
+
 @dataclass
 class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    stop: StopStrings | None = None
+    hold: int = 0  # characters held back from streaming: a stop string's prefix may end the text so far
+    # Samples 1..n-1 of an n > 1 request before the first is prefilled: they fork from it then (``_fork``).
+    followers: list[Sequence] = field(default_factory=list)
 
 
 class Engine:
@@ -68,7 +93,12 @@ class Engine:
                  enable_prefix_caching: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, max_model_len: int | None = None,
                  kv_cache_bytes: int | None = None, draft_model: Transformer | str | Path | None = None,
-                 num_speculative_tokens: int = 4) -> None:
+                 num_speculative_tokens: int = 4, kv_cache_dtype: str = "auto", kv_residual_length: int = 0) -> None:
+        """``kv_cache_dtype``: "auto" (the model's dtype), or a quantized KV cache (``kv_quant``): "kivi2" /
+        "kivi4" (KIVI: keys per channel over each block's tokens, values per token, 2/4 bits) or "int8"
+        (per token). A sequence's partly filled block, plus ``kv_residual_length`` tokens (whole blocks) of
+        full ones behind it, stay in full precision. ``kv_cache_bytes`` then budgets the quantized bytes plus
+        the float staging slots (``max_num_seqs`` blocks' worth, more with a residual window)."""
         from lmforge.models.checkpoint import load_model
 
         # device None: a model object stays where it is; a checkpoint loads on the CPU.
@@ -92,6 +122,24 @@ class Engine:
                 raise LmforgeError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
             self.draft = draft.eval()
         self.num_speculative_tokens = num_speculative_tokens if self.draft is not None else 0
+        self.kv_format = parse_kv_cache_dtype(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
+        if self.kv_format is None and kv_residual_length:
+            raise LmforgeError("kv_residual_length applies to a quantized KV cache; kv_cache_dtype is 'auto'")
+        if self.kv_format is not None:
+            if self.draft is not None:
+                # A verification writes KV for draft tokens that may be rejected; a block filled by them would
+                # be quantized before its final tokens are known.
+                raise LmforgeError(f"kv_cache_dtype {kv_cache_dtype!r} cannot be combined with speculative "
+                                   "decoding (draft_model); use kv_cache_dtype='auto' with a draft model")
+            if kv_residual_length < 0 or kv_residual_length % block_size:
+                raise LmforgeError(f"kv_residual_length must be a multiple of block_size ({block_size}) and >= 0, "
+                                   f"got {kv_residual_length}")
+        residual_blocks = kv_residual_length // block_size
+        # Float staging slots: one partly filled block per running sequence; with a window, its full blocks
+        # too, and as many again while a step slides windows (old blocks are freed only after the step).
+        self.kv_staging_slots = max_num_seqs * (1 + residual_blocks) * (2 if residual_blocks else 1) \
+            if self.kv_format is not None else 0
         self.tokenizer = tokenizer
         cfg = model.config
         self.max_model_len = max_model_len or cfg.max_position_embeddings
@@ -104,29 +152,74 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    num_lookahead_slots=self.num_speculative_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        if self.kv_format is None:
+            self.runner = ModelRunner(model, num_blocks, block_size)
+        else:
+            self.runner = QuantizedModelRunner(model, num_blocks, block_size, self.kv_format,
+                                               self.kv_staging_slots, residual_blocks)
+            self.block_manager.on_free = self.runner.on_block_freed
         self.drafter = Drafter(self.draft, num_blocks, block_size) if self.draft is not None else None
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "generated_tokens": 0,
+        # prompt_tokens: asked for (length x n); prompt_computed_tokens: of those, the ones the model computed
+        # rather than took from the prefix cache (how much n samples of one prompt share).
+        self.stats = {"steps": 0, "prompt_tokens": 0, "prompt_computed_tokens": 0, "computed_tokens": 0,
+                      "generated_tokens": 0,
                       "draft_proposed": 0, "draft_accepted": 0}
 
-    def _grammar(self):
-        if getattr(self, "_grammar_backend", None) is None:
-            if self.tokenizer is None:
-                raise LmforgeError("structured output needs a tokenizer")
-            from lmforge.engine.structured import GrammarBackend
+    _grammar_lock = threading.Lock()  # a server builds the backend on a worker thread, not the engine's
 
-            self._grammar_backend = GrammarBackend(self.tokenizer, self.model.config.vocab_size, sorted(self.eos_ids))
-        return self._grammar_backend
+    def grammar_backend(self):
+        """The structured-output backend (``lmforge.engine.structured.GrammarBackend``), built on first use.
+        A server compiles grammars through it ahead of ``add_request(..., grammar=)``."""
+        with self._grammar_lock:
+            if getattr(self, "_grammar_backend", None) is None:
+                if self.tokenizer is None:
+                    raise LmforgeError("structured output needs a tokenizer")
+                from lmforge.engine.structured import GrammarBackend
+
+                self._grammar_backend = GrammarBackend(self.tokenizer, self.model.config.vocab_size,
+                                                       sorted(self.eos_ids))
+            return self._grammar_backend
+
+
+    def thinking_budget(self, params: SamplingParams) -> ThinkingBudget | None:
+        """The request's budget forcing as token ids (None if it asks for none); the delimiters are looked up in
+        the tokenizer. Raises LmforgeError for budgets this model cannot run (a server calls it ahead for a 400)."""
+        if not params.thinking_budgeted:
+            return None
+        if self.tokenizer is None:
+            raise LmforgeError("budget forcing (max/min_thinking_tokens) needs a tokenizer to find the thinking "
+                               "delimiters; pass Engine(tokenizer=...)")
+        budget = ThinkingBudget.from_tokenizer(
+            self.tokenizer, max_tokens=params.max_thinking_tokens, min_tokens=params.min_thinking_tokens,
+            delimiters=params.thinking_delimiters, extension=params.thinking_extension,
+            answer_prefix=params.answer_prefix)
+        vocab = self.model.config.vocab_size
+        outside = sorted(t for t in budget.token_ids if t >= vocab)
+        if outside:  # added tokens past the embedding: an index error deep in the model otherwise
+            raise LmforgeError(f"the thinking delimiters/extension use token ids {outside}, outside the model's "
+                               f"vocabulary of {vocab}")
+        return budget
 
     def _detokenizer(self) -> IncrementalDecoder:
         make = getattr(self.tokenizer, "incremental_decoder", None)
         return make() if make is not None else IncrementalDecoder(self.tokenizer.decode)  # a stand-in tokenizer
 
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of KV one token takes in a block of the pool (all layers; staging slots not counted)."""
+        bs = self.block_manager.block_size
+        if self.kv_format is None:
+            return ModelRunner.bytes_per_block(self.model, bs) / bs
+        return QuantizedModelRunner.quantized_bytes_per_block(self.model, bs, self.kv_format) / bs
+
     def _default_num_blocks(self, block_size: int, max_num_seqs: int, budget: int | None) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, block_size)
+        reserved = 0
+        if self.kv_format is not None:
+            reserved = self.kv_staging_slots * per_block  # float staging slots, same shape as a float block
+            per_block = QuantizedModelRunner.quantized_bytes_per_block(self.model, block_size, self.kv_format)
         if self.draft is not None:  # the draft's pool uses the same block ids
             per_block += ModelRunner.bytes_per_block(self.draft, block_size)
         if budget is None:
@@ -136,12 +229,21 @@ class Engine:
             else:
                 budget = CPU_KV_CACHE_BYTES
         enough = max_num_seqs * -(-self.max_model_len // block_size)  # more could never be used at once
-        return max(1, min(budget // per_block, enough))
+        if reserved and budget - reserved < per_block:
+            raise LmforgeError(f"kv_cache_bytes {budget} cannot hold the {self.kv_staging_slots} float staging "
+                               f"blocks ({reserved} bytes) of kv_cache_dtype {self.kv_cache_dtype!r} plus one "
+                               f"block; raise it or lower max_num_seqs")
+        return max(1, min((budget - reserved) // per_block, enough))
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, grammar: object = None) -> str:
+        """Queue a request; its id. ``grammar``: ``params.grammar`` already compiled
+        (``grammar_backend().compile_async``), so this call does not compile it (compiling can take seconds)."""
         params = (params or SamplingParams()).validate()
+        if params.steering is not None:  # a vector made for another model: one clear error, not a shape error
+            name = params.steering.name
+            params.steering.vector.check(self.model, f"steering vector {name!r}" if name else "steering vector")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LmforgeError("a text prompt needs a tokenizer; pass token ids or Engine(tokenizer=...)")
@@ -171,11 +273,19 @@ class Engine:
                 seq.detokenizer = self._detokenizer()
         if params.grammar is not None:
             kind, source = params.grammar
+            compiled = grammar if grammar is not None else self.grammar_backend().compile(kind, source)
             for seq in seqs:
-                seq.constraint = self._grammar().constraint(kind, source)
-        self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs)
-        for seq in seqs:
-            self.scheduler.add(seq)
+                seq.constraint = self.grammar_backend().constraint(kind, compiled=compiled)
+        budget = self.thinking_budget(params)
+        if budget is not None:
+            for seq in seqs:
+                seq.thinking = budget.start(prompt_ids)
+        stop = StopStrings(params.stop) if params.stop else None
+        # Only the first sample is prefilled; the others fork from it when its prompt is computed, so the
+        # prompt's KV is computed once for all n and they share it.
+        self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs, stop,
+                                             stop.longest - 1 if stop is not None else 0, followers=seqs[1:])
+        self.scheduler.add(seqs[0])
         self.stats["prompt_tokens"] += len(prompt_ids) * params.n
         return request_id
 
@@ -208,11 +318,15 @@ class Engine:
             if j in drafts:  # the target scores the pending token and every guess: k + 1 distributions
                 feeds.append(Feed(tokens + drafts[j][0], start, seq.block_table, 1 + len(drafts[j][0])))
             else:
-                feeds.append(Feed(tokens, start, seq.block_table, int(item.samples)))
+                feeds.append(Feed(tokens, start, seq.block_table, int(item.samples), seq.params.steering))
         logits = self.runner.run(feeds)
         self.scheduler.postprocess(batch)
         self.stats["steps"] += 1
         self.stats["computed_tokens"] += sum(len(f.tokens) for f in feeds)
+        # Fed positions [computed - fed, computed) inside the prompt (a recompute after preemption counts again).
+        self.stats["prompt_computed_tokens"] += sum(
+            max(0, min(it.seq.num_computed_tokens, len(it.seq.prompt_ids))
+                - (it.seq.num_computed_tokens - it.num_tokens)) for it in batch)
         plain_rows, plain, verified, row = [], [], [], 0
         for j, (item, feed) in enumerate(zip(batch, feeds)):
             if j in drafts:
@@ -221,6 +335,11 @@ class Engine:
                 plain_rows.append(row)
                 plain.append(item.seq)
             row += feed.num_logits
+        for seq, r in list(zip(plain, plain_rows)):
+            if not seq.output_ids and self.requests[seq.request_id].followers:
+                forked = self._fork(seq, self.requests[seq.request_id])
+                plain += forked  # they sample their first token from the leader's logits
+                plain_rows += [r] * len(forked)
         touched: dict[str, _Request] = {}
         if plain:
             self._sample(logits[plain_rows], plain)
@@ -236,6 +355,26 @@ class Engine:
             outputs.append(out)
         return outputs
 
+    def _fork(self, leader: Sequence, req: _Request) -> list[Sequence]:
+        """The request's other samples take the leader's just-computed prompt KV (shared full blocks, a copy of
+        the partly filled last one) and run from now on; those that do not fit (no free block, or max_num_seqs
+        reached) queue as usual and get the full blocks back from the prefix cache."""
+        forked = []
+        for seq in req.followers:
+            if self.block_manager.can_fork(leader) and len(self.scheduler.running) < self.scheduler.max_num_seqs:
+                copy = self.block_manager.fork(leader, seq)
+                if copy is not None:
+                    self.runner.copy_block(*copy)
+                    if self.drafter is not None:  # the draft pool is indexed by the same block tables
+                        self.drafter.runner.copy_block(*copy)
+                seq.num_draft_computed = min(leader.num_draft_computed, seq.num_computed_tokens)
+                self.scheduler.adopt(seq)
+                forked.append(seq)
+            else:
+                self.scheduler.add(seq)
+        req.followers = []
+        return forked
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """One new token per sequence through the batched sampler (penalties, grammars, logprobs)."""
         raw = None
@@ -247,10 +386,19 @@ class Engine:
                     seq.constraint.mask_(logits[i])
         result = self.sampler(logits, seqs, raw_logits=raw)
         for i, seq in enumerate(seqs):
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(result.logprobs[i])
-                seq.top_logprobs.append(result.top_logprobs[i])
-            self._emit(seq, result.tokens[i])
+            sampled = result.tokens[i]
+            if seq.thinking is None:
+                tokens = [sampled]
+            else:  # budget forcing: the sampled token, or what replaces it, then any forced tokens
+                tokens = seq.thinking.advance(sampled)
+            for j, token in enumerate(tokens):
+                if seq.params.logprobs is not None:
+                    # Forced tokens were not drawn from the model: certain (log 1), no alternatives.
+                    kept = j == 0 and token == sampled
+                    seq.logprobs.append(result.logprobs[i] if kept else 0.0)
+                    seq.top_logprobs.append(result.top_logprobs[i] if kept else {})
+                if self._emit(seq, token):
+                    break  # finished (a stop, or max_tokens inside the forced tokens)
 
     def _speculation(self, batch) -> dict[int, int]:
         """Draft length per batch entry that speculates this step: decodes with reserved lookahead slots,
@@ -258,7 +406,9 @@ class Engine:
         ks = {}
         for j, item in enumerate(batch):
             seq = item.seq
-            if item.lookahead and item.samples and item.num_tokens == 1 and speculates(seq.params):
+            # Budget-forced tokens are not drafts a verifier can accept: such sequences decode plainly.
+            if item.lookahead and item.samples and item.num_tokens == 1 and speculates(seq.params) \
+                    and seq.thinking is None:
                 k = min(item.lookahead, seq.params.max_tokens - len(seq.output_ids) - 1,
                         self.max_model_len - seq.num_tokens - 1)
                 if k > 0:
@@ -306,11 +456,13 @@ class Engine:
         if seq.detokenizer is not None:
             before = len(seq.text)
             seq.text += seq.detokenizer.add(token)
-            if p.stop and len(seq.text) > before:
-                lookback = max(before - max(len(s) for s in p.stop) + 1, 0)
-                hits = [i for i in (seq.text.find(s, lookback) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[:min(hits)]
+            stop = self.requests[seq.request_id].stop
+            if stop is not None and len(seq.text) > before:
+                # A new match must end in the new piece: search it plus the longest stop's length - 1 before
+                # it, never the whole text, and the whole list in one C-level regex scan.
+                cut = stop.find(seq.text, before)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
                     return "stop_string"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
@@ -319,7 +471,7 @@ class Engine:
         return None
 
     def _output(self, req: _Request) -> RequestOutput:
-        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        hold = req.hold  # computed once per request, not per step from the whole stop list
         outs = []
         for seq in req.seqs:
             text = seq.text

@@ -1,10 +1,12 @@
 """Continuous batching: every step picks which sequences run and how many of their tokens.
 
 Each step has a token budget (``max_num_batched_tokens``) and a cap on running sequences
-(``max_num_seqs``). Running sequences go first, oldest first: a decode costs one token, an unfinished
-prompt takes the next chunk that fits (chunked prefill), so long prompts never stall decodes. Leftover
+(``max_num_seqs``). Running sequences go first, oldest first: a decode costs one token (plus any tokens budget
+forcing appended after it, fed as one chunk), an unfinished prompt takes the next chunk that fits (chunked
+prefill), so long prompts never stall decodes. Leftover
 budget admits waiting requests in arrival order; a prompt that a running sequence is still prefilling is
-not prefilled twice at once (its twins wait a step and share its blocks). When the KV pool runs dry, the
+not prefilled twice at once (a repeat of it waits a step and shares its blocks; the n samples of one request
+do not queue at all: they fork from the first once its prompt is computed, see ``Engine._fork``). When the KV pool runs dry, the
 newest running sequence is preempted by recompute: its blocks are freed and it goes back to the front of the
 queue (its tokens, prompt and output, are prefilled again later; the prefix cache usually hands most of them
 back).
@@ -46,6 +48,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def adopt(self, seq: Sequence) -> bool:
+        """Run ``seq``, which already holds its KV blocks (a fork), from the next step; False (nothing done)
+        when ``max_num_seqs`` sequences already run."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -76,8 +87,8 @@ class Scheduler:
             break  # seq itself was preempted: it was the newest, nothing after it
         if preempted:  # memory is tight: admitting more would only cause more thrashing
             return batch
-        # A prompt being prefilled by a running sequence: its twins (the other samples of an n > 1 request, or
-        # repeated prompts) wait until its blocks are computed, then take them from the prefix cache.
+        # A prompt being prefilled by a running sequence: its twins (repeated prompts, or samples that could not
+        # fork) wait until its blocks are computed, then take them from the prefix cache.
         in_flight = ({s.prompt_key for s in self.running if s.num_computed_tokens < len(s.prompt_ids)}
                      if self.waiting else set())
         deferred: list[Sequence] = []

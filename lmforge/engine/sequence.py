@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.models.steering import Steering
+from lmforge.models.thinking import DEFAULT_DELIMITERS, DEFAULT_EXTENSION, ThinkingState, check_budget_numbers
 
 
 @dataclass
@@ -39,10 +41,22 @@ class SamplingParams:
     json_schema: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
+    # a steering vector at a scale, added to the residual stream of this request only (see model_runner)
+    steering: Steering | None = None
+    # budget forcing (s1; lmforge.models.thinking): thinking between the delimiters (tokens of the tokenizer)
+    # is closed after max_thinking_tokens (then answer_prefix), and below min_thinking_tokens an end delimiter
+    # is replaced by thinking_extension. Counted in tokens.
+    max_thinking_tokens: int | None = None
+    min_thinking_tokens: int = 0
+    thinking_delimiters: tuple[str, str] = DEFAULT_DELIMITERS
+    thinking_extension: str = DEFAULT_EXTENSION
+    answer_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.thinking_delimiters, list):  # JSON and argparse give lists; keep it hashable
+            self.thinking_delimiters = tuple(self.thinking_delimiters)
 
     def validate(self) -> "SamplingParams":
         def need(cond: bool, msg: str) -> None:
@@ -70,7 +84,27 @@ class SamplingParams:
              f"seed must be in [-2**63, 2**64 - n], got {self.seed}")
         need(sum(x is not None and x is not False for x in (self.json_schema, self.json_object or None, self.regex)) <= 1,
              "use at most one of json_schema, json_object and regex")
+        need(self.steering is None or isinstance(self.steering, Steering),
+             f"steering must be a lmforge.models.steering.Steering, got {type(self.steering).__name__}")
+        if self.thinking_budgeted:
+            check_budget_numbers(self.min_thinking_tokens, self.max_thinking_tokens, self.max_tokens)
+            delims = self.thinking_delimiters
+            need(isinstance(delims, tuple) and len(delims) == 2 and all(isinstance(d, str) and d for d in delims)
+                 and delims[0] != delims[1],
+                 f"thinking_delimiters must be two different non-empty strings (start, end), got {delims!r}")
+            need(isinstance(self.thinking_extension, str) and (self.thinking_extension or not self.min_thinking_tokens),
+                 f"thinking_extension must be a non-empty string, got {self.thinking_extension!r}")
+            need(self.answer_prefix is None or (isinstance(self.answer_prefix, str) and self.answer_prefix != ""),
+                 f"answer_prefix must be None or a non-empty string, got {self.answer_prefix!r}")
+            # A grammar constrains every output token; forced delimiters and extensions would break it.
+            need(self.grammar is None, "budget forcing (max/min_thinking_tokens) cannot be combined with "
+                                       "structured output (json_schema, json_object, regex)")
         return self
+
+    @property
+    def thinking_budgeted(self) -> bool:
+        """Whether this request asks for budget forcing."""
+        return self.max_thinking_tokens is not None or bool(self.min_thinking_tokens)
 
     @property
     def grammar(self) -> tuple[str, object] | None:
@@ -98,14 +132,21 @@ class Sequence:
     """One sample of a request: its tokens, KV blocks, and how many of its tokens have KV computed.
 
     ``num_computed_tokens`` counts tokens whose keys/values are in the cache (prefix-cache hits included);
-    the tokens after it are fed to the model next. A decode step feeds exactly the last sampled token.
+    the tokens after it are fed to the model next. A decode step feeds the last sampled token, or with budget
+    forcing also the tokens forced after it (one short chunk).
     """
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int],
                  params: SamplingParams, device: torch.device | str = "cpu") -> None:
         self.seq_id, self.request_id, self.index = seq_id, request_id, index
         self.prompt_ids = list(prompt_ids)
-        self.prompt_key = hash(tuple(self.prompt_ids))  # equal prompts (n samples, repeats) share KV blocks
+        # Equal prompts (n samples, repeats) share KV blocks. A steered request's KV differs from an unsteered
+        # (or otherwise steered) one's, so its steering key salts the prompt key and the prefix-cache block
+        # hashes (BlockManager): only requests with the same intervention share blocks.
+        steering = params.steering
+        self.cache_salt: str | None = steering.key if steering is not None and not steering.is_noop else None
+        prompt = tuple(self.prompt_ids)
+        self.prompt_key = hash((self.cache_salt, prompt) if self.cache_salt else prompt)
         self.output_ids: list[int] = []
         self.params = params
         self.status = SequenceStatus.WAITING
@@ -124,6 +165,7 @@ class Sequence:
         self.sent_chars = 0
         self.generator: torch.Generator | None = None
         self.constraint = None  # structured output: lmforge.engine.structured.Constraint
+        self.thinking: ThinkingState | None = None  # budget forcing: set by the engine from the request's budget
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
 

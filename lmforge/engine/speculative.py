@@ -51,9 +51,11 @@ def verify(p: Tensor, q: Tensor, draft: list[int], generator: torch.Generator | 
 
 def speculates(params: SamplingParams) -> bool:
     """Requests the engine speculates for: the rule needs p and q to be the distributions actually sampled
-    from, so penalties (which change along the draft), grammars and logprobs take the plain path."""
+    from, so penalties (which change along the draft), grammars and logprobs take the plain path. So does
+    steering: the unsteered draft would guess for a different distribution (and mostly be rejected)."""
     return (params.grammar is None and params.logprobs is None and params.repetition_penalty == 1.0
-            and not params.frequency_penalty and not params.presence_penalty)
+            and not params.frequency_penalty and not params.presence_penalty
+            and (params.steering is None or params.steering.is_noop))
 
 
 class Drafter:

@@ -2,19 +2,28 @@
 
 xgrammar compiles the grammar against the tokenizer's vocabulary once; per sequence a matcher tracks the
 grammar state and fills a token bitmask before each sample, so only tokens that keep the output valid can
-be drawn. Compiled grammars are cached by their source, so many requests with one schema compile once.
-Object properties come out in the order the schema declares them.
+be drawn. Compiled grammars are cached by their source (a bounded LRU), so many requests with one schema
+compile once. Object properties come out in the order the schema declares them.
+
+Compiling can take long (it grows faster than linearly with, e.g., a schema's enum size), so it runs on
+this backend's own worker thread(s): ``compile_async`` returns a future that a server awaits with a time
+limit, keeping the engine's thread free; one schema being compiled for many requests is compiled once.
+xgrammar releases the GIL while it compiles, so a compile does not stall Python threads either.
 """
 
 from __future__ import annotations
 
+import collections
 import json
-from functools import lru_cache
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from lmforge.errors import LmforgeError
+
+GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept (least recently used dropped first)
 
 
 def _xgrammar():
@@ -25,10 +34,25 @@ def _xgrammar():
     return xgrammar
 
 
+def grammar_key(kind: str, source: Any) -> tuple[str, str]:
+    """(kind, source text): the cache key of a grammar. A JSON schema given as a dict is serialised keeping
+    its declared key order (xgrammar emits properties in that order, as OpenAI does; sorting would reorder
+    the output) and must be JSON."""
+    if kind == "json_schema":
+        if isinstance(source, dict):
+            source = json.dumps(source, separators=(",", ":"))
+        try:
+            json.loads(source)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise LmforgeError(f"invalid json schema: not JSON ({e})") from None
+    return kind, str(source or "")
+
+
 class GrammarBackend:
     """Compiles grammars for one tokenizer and model vocabulary (the model's may be padded beyond it)."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], cache_size: int = GRAMMAR_CACHE_SIZE,
+                 workers: int = 1) -> None:
         xgr = _xgrammar()
         backend = tokenizer.backend
         vocab = [""] * vocab_size
@@ -41,8 +65,15 @@ class GrammarBackend:
                                  stop_token_ids=sorted(stop_token_ids), add_prefix_space=detected["add_prefix_space"])
         self.vocab_size = vocab_size
         self.stop_token = min(stop_token_ids) if stop_token_ids else None
-        self.compiler = xgr.GrammarCompiler(info)
-        self._compile = lru_cache(maxsize=64)(self._compile_uncached)
+        # xgrammar's own cache is unbounded; ours (below) is an LRU of cache_size grammars.
+        self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self._pending: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()
+        # Bounded: costly schemas queue here instead of taking every core. A compile cannot be interrupted,
+        # so callers bound the schema's size; a compile that outlives its request still fills the cache.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmforge-grammar")
 
     def _compile_uncached(self, kind: str, source: str):
         try:
@@ -55,17 +86,53 @@ class GrammarBackend:
         except Exception as e:  # xgrammar reports bad schemas/regexes with several exception types
             raise LmforgeError(f"invalid {kind.replace('_', ' ')}: {e}") from None
 
-    def constraint(self, kind: str, source: Any) -> "Constraint":
-        if kind == "json_schema":
-            if isinstance(source, dict):
-                # Keep the declared key order: xgrammar emits properties in the order the schema lists them
-                # (as OpenAI does), so sorting here would reorder the output. The text is also the cache key.
-                source = json.dumps(source, separators=(",", ":"))
-            try:
-                json.loads(source)
-            except (TypeError, json.JSONDecodeError) as e:
-                raise LmforgeError(f"invalid json schema: not JSON ({e})") from None
-        return Constraint(self._compile(kind, str(source or "")), self.vocab_size, self.stop_token)
+    def _compile_and_store(self, key: tuple[str, str]):
+        compiled = self._compile_uncached(*key)
+        with self._lock:
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def cached(self, kind: str, source: Any):
+        """The compiled grammar if it is in the cache, else None."""
+        key = grammar_key(kind, source)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+            return compiled
+
+    def compile_async(self, kind: str, source: Any) -> Future:
+        """A future of the compiled grammar, compiled on this backend's worker thread (or at once from the
+        cache). Requests for a grammar already being compiled share that compile."""
+        key = grammar_key(kind, source)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                done: Future = Future()
+                done.set_result(self._cache[key])
+                return done
+            future = self._pending.get(key)
+            if future is None:
+                future = self._pool.submit(self._compile_and_store, key)
+                self._pending[key] = future
+                future.add_done_callback(lambda _f, key=key: self._forget(key))
+            return future
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+
+    def compile(self, kind: str, source: Any):
+        """The compiled grammar (cached), compiling it now if needed: blocks until it is done."""
+        return self.compile_async(kind, source).result()
+
+    def constraint(self, kind: str, source: Any = None, compiled: Any = None) -> Constraint:
+        """A fresh grammar state for one sequence; ``compiled`` skips the compile (see ``compile_async``)."""
+        return Constraint(compiled if compiled is not None else self.compile(kind, source), self.vocab_size,
+                          self.stop_token)
 
 
 class Constraint:

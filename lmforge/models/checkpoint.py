@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,9 @@ from lmforge.io import atomic_directory, atomic_file, read_json_object
 from lmforge.models.device import pick_device
 from lmforge.models.config import Config
 from lmforge.models.model import Transformer
+
+if TYPE_CHECKING:
+    from lmforge.models.quant import QuantConfig
 
 # Buffers some checkpoints carry that hold no weights (recomputed at run time).
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -35,6 +39,10 @@ class TensorMap:
 
 
 def weight_map(config: Config) -> list[TensorMap]:
+    if config.model_type == "llava":  # a LlavaConfig: vision tower + projector + this decoder's map, prefixed
+        from lmforge.models.llava import llava_weight_map  # it imports this module
+
+        return llava_weight_map(config)
     maps: list[TensorMap] = []
 
     def add(hf: str, *ours: str, transpose: bool = False) -> None:
@@ -119,8 +127,8 @@ def weight_map(config: Config) -> list[TensorMap]:
 
 
 # ---- reading -----------------------------------------------------------------------------------
-GGUF_UNSUPPORTED = ("{path} is a file, not a model directory: GGUF files are not supported yet; give a Hugging Face "
-                    "model directory (config.json, safetensors, tokenizer.json)")
+GGUF_UNSUPPORTED = ("{path} is a GGUF file: this needs a Hugging Face model directory (config.json, safetensors, "
+                    "tokenizer.json); GGUF files are read by load_model and load_tokenizer")
 
 
 def read_generation_config(path: str | os.PathLike) -> dict | None:
@@ -199,18 +207,67 @@ def _normalise_names(config: Config, names: set[str]) -> dict[str, str]:
     return out
 
 
+# Where an architecture's checkpoint keeps decoder layer i (canonical names, see ``_normalise_names``), and
+# the config.json field that counts the layers.
+_LAYERS = {"gpt2": ("transformer.h.", "n_layer"), "openelm": ("transformer.layers.", "num_transformer_layers")}
+_LAYERS_DEFAULT = ("model.layers.", "num_hidden_layers")
+
+
+def _check_layer_count(path: Path, config: Config, names: set[str]) -> None:
+    """config.json's layer count against the layer indices in the tensor names (safetensors headers only), so
+    a wrong count fails at once instead of after building a model of that many layers (10,000: over a minute)."""
+    prefix, field = _LAYERS.get(config.model_type, _LAYERS_DEFAULT)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    layer_of = {n: int(m.group(1)) for n in names if (m := pattern.match(n))}
+    present = max(layer_of.values()) + 1 if layer_of else 0
+    if present == config.num_layers:
+        return
+    where = f"{path / 'config.json'}: {field}={config.num_layers}"
+    if present < config.num_layers:
+        held = f"layers 0..{present - 1} only" if present else "no decoder layers"
+        raise CheckpointError(f"{where}, but the weights hold {held} (missing tensor {prefix}{present}.*); "
+                              "is config.json for this checkpoint?")
+    extra = sorted((n for n, i in layer_of.items() if i >= config.num_layers), key=lambda n: (layer_of[n], n))
+    more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+    raise CheckpointError(f"{where}, but the weights hold layers up to {present - 1}: unexpected tensors "
+                          f"{', '.join(extra[:3])}{more}; is config.json for this checkpoint?")
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> Transformer:
+               device: torch.device | str = "cpu", quantize: "str | QuantConfig | None" = None) -> Transformer:
     """Load a local Hugging Face model directory (config.json + safetensors) into our Transformer.
     ``device``: a torch device or a name ``pick_device`` takes (``auto`` included).
     A ``generation_config.json`` there becomes ``model.generation_config`` (a dict): ``generate`` stops at its
-    ``eos_token_id`` by default and ``save_model`` writes it back."""
+    ``eos_token_id`` by default and ``save_model`` writes it back.
+    ``quantize``: "int8" | "int4" (or a ``lmforge.models.quant.QuantConfig``): weight-only quantization of the
+    decoder's linears for the CPU low-bit kernels (``lmforge.models.quant``). A directory ``lmforge quantize``
+    wrote loads quantized without it.
+    A LLaVA directory (``model_type: llava``) loads as ``lmforge.models.llava.LlavaForConditionalGeneration``."""
     device = pick_device(device)
     path = Path(path)
+    if quantize is not None:  # an unknown value fails before anything is read
+        from lmforge.models.quant import as_config
+
+        quantize = as_config(quantize)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lmforge.models.gguf import load_gguf_model  # imports this module: loaded on demand
+
+        return _quantized(load_gguf_model(path, dtype=dtype, device=device), quantize)
+    from lmforge.models.llava import is_llava_directory, load_llava  # it imports this module
+
+    if is_llava_directory(path):  # vision-language: a LlavaForConditionalGeneration
+        return load_llava(path, dtype=dtype, device=device, quantize=quantize)
     config = read_config(path)
     generation_config = read_generation_config(path)
+    from lmforge.models.quant import load_quantized, read_quantization_config  # it imports this module
+
+    saved_quantization = read_quantization_config(path)
+    if saved_quantization is not None:  # written by lmforge quantize: codes packed for the kernels as they load
+        return load_quantized(path, config, saved_quantization, dtype, device, requested=quantize,
+                              generation_config=generation_config)
     source = _TensorSource(path)
     names = _normalise_names(config, source.names())
+    _check_layer_count(path, config, set(names))  # before the model is built: its size comes from the config
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -245,7 +302,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model.lm_head.weight = model.model.embed_tokens.weight
     if generation_config is not None:
         model.generation_config = generation_config
-    return model.eval()
+    return _quantized(model.eval(), quantize)
+
+
+def _quantized(model: Transformer, quantize: "QuantConfig | None") -> Transformer:
+    if quantize is None:
+        return model
+    from lmforge.models.quant import quantize_model
+
+    return quantize_model(model, quantize)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -275,8 +340,14 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
     """Write an HF-format directory (config.json + safetensors, sharded past ``max_shard_size``).
 
     The directory is written beside ``path`` and renamed into place, so ``path`` is always either
-    the old or the new complete checkpoint.
+    the old or the new complete checkpoint. A quantized model is written by ``lmforge.models.quant.save_quantized``.
     """
+    from lmforge.models.quant import quantization_of, save_quantized
+
+    if quantization_of(model) is not None:
+        if dtype is not None:
+            raise CheckpointError("save_model(dtype=...) cannot convert a quantized model's codes; omit dtype")
+        return save_quantized(model, path, tokenizer=tokenizer)
     path = Path(path)
     state = hf_state_dict(model, dtype)
     limit = _parse_size(max_shard_size)

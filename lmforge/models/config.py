@@ -106,11 +106,26 @@ class Config:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
         for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_types"):
             value = getattr(self, name)
             need(value is None or len(value) == self.num_layers,
                  f"{name} has {len(value) if value else 0} entries for {self.num_layers} layers")
+        for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"):
+            need(all(_is_int(v) and v > 0 for v in getattr(self, name) or ()),
+                 f"{name} entries must be positive integers, got {getattr(self, name)!r}")
+        # A non-positive or non-finite epsilon/theta/scale loads fine and then gives NaN/inf logits.
+        for name in ("norm_eps", "rope_theta", "embedding_multiplier", "partial_rotary_factor"):
+            value = getattr(self, name)
+            need(_is_number(value) and value > 0, f"{name} must be a positive finite number, got {value!r}")
+        for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            need(value is None or (_is_number(value) and value > 0),
+                 f"{name} must be a positive finite number or null, got {value!r}")
+        need(_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
+             f"router_aux_loss_coef must be a non-negative number, got {self.router_aux_loss_coef!r}")
+        need(_is_int(self.num_experts) and self.num_experts >= 0,
+             f"num_experts must be a non-negative integer, got {self.num_experts!r}")
         for i in range(self.num_layers):
             need(self.heads(i) % self.kv_heads(i) == 0,
                  f"layer {i}: {self.heads(i)} query heads not divisible by {self.kv_heads(i)} kv heads")
@@ -120,7 +135,8 @@ class Config:
         need(self.position_embedding in ("rope", "learned"), f"bad position_embedding {self.position_embedding!r}")
         need(self.layer_types is None or all(t in ("full", "sliding") for t in self.layer_types),
              "layer_types entries must be 'full' or 'sliding'")
-        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
+        need(self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window > 0),
+             f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         need(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim, "bad partial_rotary_factor")
         if self.num_experts:
             need(0 < self.num_experts_per_tok <= self.num_experts,
@@ -144,6 +160,8 @@ class Config:
                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         try:
             kwargs = _FROM_HF[model_type](d)
+        except ConfigError:  # already names the field (and is a ValueError: keep it from the clause below)
+            raise
         except KeyError as e:
             raise ConfigError(f"config.json for {model_type} is missing the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -187,6 +205,55 @@ class Config:
         return total
 
 
+# ---- typed reads of config.json fields: a wrong type or range names the field, before anything is built ----
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value: Any, key: str, minimum: int = 1) -> int:
+    """An integer field; 32.0 is taken as 32, but 32.5, "32", true and null are refused (int() would truncate
+    or coerce them into a model of another size)."""
+    if not (_is_int(value) or (_is_number(value) and float(value).is_integer())):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value!r}")
+    return int(value)
+
+
+def _float(value: Any, key: str, allow_zero: bool = False) -> float:
+    """A positive (or, with ``allow_zero``, non-negative) finite number."""
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{key} must be {kind} finite number, got {value!r}")
+    return float(value)
+
+
+def _opt(d: dict[str, Any], key: str, read: Any, default: Any = None) -> Any:
+    """``read(d[key], key)``, or ``default`` when the field is absent or null."""
+    value = d.get(key)
+    return default if value is None else read(value, key)
+
+
+def _token_ids(d: dict[str, Any], key: str) -> int | list[int] | None:
+    value = d.get(key)
+    if value is None or _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value)):
+        return value
+    raise ConfigError(f"{key} must be a token id or a list of them, got {value!r}")
+
+
+def _head_dim(d: dict[str, Any], hidden: int, heads: int, hidden_key: str, heads_key: str) -> int:
+    """An explicit ``head_dim``, else hidden / heads, which must then divide exactly."""
+    if d.get("head_dim") is not None:
+        return _int(d["head_dim"], "head_dim")
+    if hidden % heads:
+        raise ConfigError(f"{hidden_key}={hidden} is not divisible by {heads_key}={heads} (and no head_dim is given)")
+    return hidden // heads
+
+
 _ARCHITECTURE = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
@@ -210,8 +277,10 @@ def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
     """transformers v5 nests rope settings in ``rope_parameters``; v4 used ``rope_theta``/``rope_scaling``."""
     params = dict(d.get("rope_parameters") or {})
     scaling = dict(d.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
-    partial = float(params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    theta = _float(params.pop("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta")
+    partial = _float(params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)), "partial_rotary_factor")
+    if partial > 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial!r}")
     scaling.update(params)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "su":  # early Phi-3 name for longrope
@@ -249,18 +318,21 @@ def _layer_types_from_hf(d: dict[str, Any]) -> list[str] | None:
 
 
 def _llama_like(d: dict[str, Any]) -> dict[str, Any]:
-    heads = int(d["num_attention_heads"])
-    hidden = int(d["hidden_size"])
+    heads = _int(d["num_attention_heads"], "num_attention_heads")
+    hidden = _int(d["hidden_size"], "hidden_size")
     out = dict(
-        vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads), intermediate_size=int(d["intermediate_size"]),
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)), activation=_activation(d.get("hidden_act", "silu")),
+        vocab_size=_int(d["vocab_size"], "vocab_size"), hidden_size=hidden,
+        num_layers=_int(d["num_hidden_layers"], "num_hidden_layers"),
+        num_heads=heads, num_kv_heads=_opt(d, "num_key_value_heads", _int, heads),
+        head_dim=_head_dim(d, hidden, heads, "hidden_size", "num_attention_heads"),
+        intermediate_size=_int(d["intermediate_size"], "intermediate_size"),
+        max_position_embeddings=_opt(d, "max_position_embeddings", _int, 2048),
+        norm_eps=_opt(d, "rms_norm_eps", _float, 1e-6), activation=_activation(d.get("hidden_act", "silu")),
         attention_bias=bool(d.get("attention_bias", False)), attention_out_bias=bool(d.get("attention_bias", False)),
         mlp_bias=bool(d.get("mlp_bias", False)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        sliding_window=d.get("sliding_window"),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        sliding_window=_opt(d, "sliding_window", _int),
+        bos_token_id=_token_ids(d, "bos_token_id"), eos_token_id=_token_ids(d, "eos_token_id"),
+        pad_token_id=_token_ids(d, "pad_token_id"),
     )
     out.update(_rope_from_hf(d))
     return out
@@ -288,8 +360,9 @@ def _from_llama(d: dict[str, Any]) -> dict[str, Any]:
 
 def _from_mixtral(d: dict[str, Any]) -> dict[str, Any]:
     out = _llama_like(d)
-    out.update(num_experts=int(d["num_local_experts"]), num_experts_per_tok=int(d["num_experts_per_tok"]),
-               router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.0)))
+    out.update(num_experts=_int(d["num_local_experts"], "num_local_experts"),
+               num_experts_per_tok=_int(d["num_experts_per_tok"], "num_experts_per_tok"),
+               router_aux_loss_coef=_opt(d, "router_aux_loss_coef", lambda v, k: _float(v, k, allow_zero=True), 0.0))
     return out
 
 
@@ -305,7 +378,7 @@ def _from_qwen2(d: dict[str, Any]) -> dict[str, Any]:
     out.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
     types = _layer_types_from_hf(d)
     if types is None and d.get("use_sliding_window"):
-        max_window_layers = int(d.get("max_window_layers", 0))
+        max_window_layers = _opt(d, "max_window_layers", lambda v, k: _int(v, k, minimum=0), 0)
         types = ["sliding" if i >= max_window_layers else "full" for i in range(out["num_layers"])]
     if not d.get("use_sliding_window") or not types or "sliding" not in types:
         out["sliding_window"], types = None, None
@@ -342,8 +415,9 @@ def _from_gemma2(d: dict[str, Any]) -> dict[str, Any]:
         norm_unit_offset=True, post_norms=True,
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
         embedding_multiplier=math.sqrt(out["hidden_size"]),
-        attention_scale=float(d.get("query_pre_attn_scalar", out["head_dim"])) ** -0.5,
-        attn_logit_softcap=d.get("attn_logit_softcapping"), final_logit_softcap=d.get("final_logit_softcapping"),
+        attention_scale=_opt(d, "query_pre_attn_scalar", _float, out["head_dim"]) ** -0.5,
+        attn_logit_softcap=_opt(d, "attn_logit_softcapping", _float),
+        final_logit_softcap=_opt(d, "final_logit_softcapping", _float),
         attention_out_bias=False, mlp_bias=False,
     )
     types = _layer_types_from_hf(d)
@@ -367,16 +441,21 @@ def _gemma2_to_hf(c: Config) -> dict[str, Any]:
 def _from_gpt2(d: dict[str, Any]) -> dict[str, Any]:
     if d.get("scale_attn_by_inverse_layer_idx"):
         raise ConfigError("GPT-2 scale_attn_by_inverse_layer_idx=true is not supported")
-    hidden, heads = int(d["n_embd"]), int(d["n_head"])
+    hidden, heads = _int(d["n_embd"], "n_embd"), _int(d["n_head"], "n_head")
+    if hidden % heads:
+        raise ConfigError(f"n_embd={hidden} is not divisible by n_head={heads}")
     return dict(
-        vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_layers=int(d["n_layer"]), num_heads=heads,
-        num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=int(d.get("n_inner") or 4 * hidden),
-        max_position_embeddings=int(d["n_positions"]), norm="layernorm", norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        vocab_size=_int(d["vocab_size"], "vocab_size"), hidden_size=hidden, num_layers=_int(d["n_layer"], "n_layer"),
+        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        intermediate_size=_opt(d, "n_inner", _int, 4 * hidden),
+        max_position_embeddings=_int(d["n_positions"], "n_positions"), norm="layernorm",
+        norm_eps=_opt(d, "layer_norm_epsilon", _float, 1e-5),
         mlp="plain", activation=_activation(d.get("activation_function", "gelu_new")), attention_bias=True,
         attention_out_bias=True, mlp_bias=True, position_embedding="learned",
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
         attention_scale=None if d.get("scale_attn_weights", True) else 1.0,
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        bos_token_id=_token_ids(d, "bos_token_id"), eos_token_id=_token_ids(d, "eos_token_id"),
+        pad_token_id=_token_ids(d, "pad_token_id"),
     )
 
 
@@ -407,8 +486,9 @@ def openelm_layer_sizes(d: dict[str, Any]) -> tuple[list[int], list[int], list[i
     """
     import numpy as np
 
-    n_layers, model_dim, head_dim = int(d["num_transformer_layers"]), int(d["model_dim"]), int(d["head_dim"])
-    groups, divisor = int(d.get("num_gqa_groups") or 1), int(d.get("ffn_dim_divisor", 256))
+    n_layers = _int(d["num_transformer_layers"], "num_transformer_layers")
+    model_dim, head_dim = _int(d["model_dim"], "model_dim"), _int(d["head_dim"], "head_dim")
+    groups, divisor = _opt(d, "num_gqa_groups", _int, 1), _opt(d, "ffn_dim_divisor", _int, 256)
 
     def per_layer(mult: Any) -> list[float]:
         if isinstance(mult, (int, float)):
@@ -431,17 +511,18 @@ def _from_openelm(d: dict[str, Any]) -> dict[str, Any]:
     if d.get("ffn_with_glu", True) is not True:
         raise ConfigError("OpenELM with ffn_with_glu=false is not supported")
     q_heads, kv_heads, ffn = openelm_layer_sizes(d)
-    n_layers = int(d["num_transformer_layers"])
+    n_layers = _int(d["num_transformer_layers"], "num_transformer_layers")
     return dict(
-        vocab_size=int(d["vocab_size"]), hidden_size=int(d["model_dim"]), num_layers=n_layers,
-        num_heads=max(q_heads), num_kv_heads=max(kv_heads), head_dim=int(d["head_dim"]),
-        intermediate_size=max(ffn), max_position_embeddings=int(d.get("max_context_length", 2048)),
+        vocab_size=_int(d["vocab_size"], "vocab_size"), hidden_size=_int(d["model_dim"], "model_dim"),
+        num_layers=n_layers, num_heads=max(q_heads), num_kv_heads=max(kv_heads), head_dim=_int(d["head_dim"], "head_dim"),
+        intermediate_size=max(ffn), max_position_embeddings=_opt(d, "max_context_length", _int, 2048),
         layer_num_heads=q_heads, layer_num_kv_heads=kv_heads, layer_intermediate_size=ffn,
         norm_eps=1e-6, qk_norm=bool(d.get("normalize_qk_projections", True)),
         activation=_activation(d.get("activation_fn_name", "swish")),
-        rope_theta=float(d.get("rope_freq_constant", 10000)),
+        rope_theta=_opt(d, "rope_freq_constant", _float, 10000.0),
         tie_embeddings=bool(d.get("share_input_output_layers", True)),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        bos_token_id=_token_ids(d, "bos_token_id"), eos_token_id=_token_ids(d, "eos_token_id"),
+        pad_token_id=_token_ids(d, "pad_token_id"),
     )
 
 

@@ -5,13 +5,15 @@ Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D hea
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.errors import LmforgeError
 from lmforge.models.config import Config
 
 
@@ -23,19 +25,34 @@ class RMSNorm(nn.Module):
         # Gemma stores w and applies (1 + w): zeros init means identity there.
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hook_normalized: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``hook_normalized``: sees (and may replace) the normalised x before the weight, in float32."""
         # Normalise in float32 as the reference implementations do; bf16 variance is too coarse.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if hook_normalized is not None:
+            xf = hook_normalized(xf)
         if self.unit_offset:
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.type_as(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor, hook_normalized: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``hook_normalized``: sees (and may replace) the normalised x before weight and bias."""
+        if hook_normalized is None:
+            return super().forward(x)
+        normalized = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        replaced = hook_normalized(normalized)
+        if replaced is normalized:  # read only: the fused kernel's result, bit for bit
+            return super().forward(x)
+        return replaced * self.weight + self.bias
+
+
 def make_norm(config: Config, dim: int | None = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=config.norm_eps)
+        return LayerNorm(dim, eps=config.norm_eps)
     return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
 
 
@@ -146,13 +163,18 @@ class ContiguousStep:
                 self._masks[window] = build_attention_mask(self.valid, self.start, self.t, window)
         return self._masks[window]
 
-    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+    def context(self, attn: "Attention", k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store the new k/v (with a cache); return the keys, values and mask [B, 1, T, S] the queries attend
+        over (mask None: causal over the call's own tokens, or everything when one token follows the cache)."""
         if self.cache is not None:
             end = self.start + self.t
             self.cache.keys[layer][:, :, self.start:end] = k
             self.cache.values[layer][:, :, self.start:end] = v
             k, v = self.cache.keys[layer][:, :, :end], self.cache.values[layer][:, :, :end]
-        mask = self.mask_for(attn.window)
+        return k, v, self.mask_for(attn.window)
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        k, v, mask = self.context(attn, k, v, layer)
         return attn.attention(q, k, v, mask, causal=mask is None and self.start == 0 and self.t > 1)
 
     def begin(self, attention_mask: Tensor) -> "ContiguousStep":
@@ -176,10 +198,14 @@ class SlotStep:
         self.masks = {w: (cache.valid if w is None else cache.valid & (arange > slot - w))[:, None, None, :]
                       for w in windows}
 
-    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+    def context(self, attn: "Attention", k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Write the new k/v at the slot; return the whole buffer and its validity mask [B, 1, 1, max_len]."""
         self.cache.keys[layer].index_copy_(2, self.slot, k)
         self.cache.values[layer].index_copy_(2, self.slot, v)
-        return attn.attention(q, self.cache.keys[layer], self.cache.values[layer], self.masks[attn.window])
+        return self.cache.keys[layer], self.cache.values[layer], self.masks[attn.window]
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        return attn.attention(q, *self.context(attn, k, v, layer))
 
     def begin(self, attention_mask: Tensor) -> "SlotStep":
         return self
@@ -233,6 +259,71 @@ class KVCache:
             self.length = length
 
 
+# ---- hook points ---------------------------------------------------------------------------------
+# Named activations a caller may read or replace, with TransformerLens's names and layouts:
+# ``hooks={name: fn}`` where ``fn(activation, name)`` returns a replacement or None (keep).
+# Model-wide: ``hook_embed`` (token embeddings, or ``inputs_embeds``), ``hook_pos_embed`` (learned positions
+# only), ``ln_final.hook_normalized``. Per layer i: ``blocks.{i}.`` + a point below. The residual stream and
+# sub-layer outputs are [B, T, hidden]; per-head tensors [B, T, heads, D]; scores/pattern [B, H, T, S].
+# A norm's ``hook_normalized`` is its input normalised, before the norm's weight and bias (float32 for RMSNorm).
+# ``Transformer.hook_names()`` lists one model's points in the order its forward pass reaches them.
+BLOCK_HOOK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", "hook_resid_mid",
+                     "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
+ATTENTION_HOOK_POINTS = tuple(f"attn.{p}" for p in (
+    "hook_q", "hook_k", "hook_v",  # projections (k/v per kv head), before q/k norm and RoPE
+    "hook_rot_q", "hook_rot_k",  # after RoPE (rotary models only)
+    "hook_attn_scores", "hook_pattern",  # masked pre-softmax scores and probabilities [B, H, T, S]
+    "hook_z",  # per-head outputs, before o_proj
+))
+MLP_HOOK_POINTS = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")  # pre_linear: gated MLPs only
+# MoE layers instead: the router's logits [B, T, experts] and the chosen experts' indices [B, T, top_k]. A
+# replaced choice re-routes the tokens (weights: the router's probabilities of the new experts, renormalised).
+MOE_HOOK_POINTS = ("mlp.hook_router_logits", "mlp.hook_expert_choice")
+# Scores and pattern exist only when attention is computed step by step: hooking either switches that
+# layer from SDPA to the explicit softmax, equal to it up to float rounding.
+EXPLICIT_ATTENTION_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
+Hook = Callable[[Tensor, str], "Tensor | None"]
+
+
+class ForwardContext:
+    """Per-call state every layer sees: the KV step (``kv.attend``), the hooks, MoE router logits."""
+
+    def __init__(self, kv: AttentionStep, hooks: Mapping[str, Hook | Sequence[Hook]] | None,
+                 collect_router_logits: bool) -> None:
+        self.kv, self.hooks = kv, hooks or None
+        self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
+
+    def hook(self, name: str, x: Tensor) -> Tensor:
+        """``x`` through the hooks registered at ``name`` (none: ``x`` itself, nothing else runs)."""
+        if self.hooks is None or name not in self.hooks:
+            return x
+        fns = self.hooks[name]
+        for fn in (fns if isinstance(fns, (list, tuple)) else (fns,)):
+            out = fn(x, name)
+            if out is not None:
+                x = out
+        return x
+
+    def hook_heads(self, name: str, x: Tensor) -> Tensor:
+        """``x`` [B, H, T, D] through the hooks at ``name``, which see it as [B, T, H, D]."""
+        if self.hooks is None or name not in self.hooks:
+            return x
+        return self.hook(name, x.transpose(1, 2)).transpose(1, 2)
+
+    def hooks_any(self, names: Sequence[str]) -> bool:
+        return self.hooks is not None and any(name in self.hooks for name in names)
+
+    def norm(self, norm: "RMSNorm | LayerNorm", name: str, x: Tensor) -> Tensor:
+        """``norm(x)`` with its ``hook_normalized`` point ``name``: the normalised x before weight (and bias)."""
+        if self.hooks is None or name not in self.hooks:
+            return norm(x)
+        return norm(x, lambda normalized: self.hook(name, normalized))
+
+
+def _unhooked(name: str, x: Tensor) -> Tensor:
+    return x
+
+
 # ---- attention and MLP ---------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
@@ -248,44 +339,71 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_out_bias)
         self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        rotary = config.position_embedding == "rope"
+        self.hook_names = {p: f"blocks.{layer}.{p}" for p in ATTENTION_HOOK_POINTS if rotary or "_rot_" not in p}
+        self.explicit_hook_names = [self.hook_names[p] for p in EXPLICIT_ATTENTION_POINTS]
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: "ForwardContext",
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: ForwardContext,
                 layer: int) -> Tensor:
+        names = self.hook_names
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        # Projected as [B, T, heads, D] (the hooks' layout), attended as [B, heads, T, D].
+        q = ctx.hook(names["attn.hook_q"], self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = ctx.hook(names["attn.hook_k"], self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = ctx.hook(names["attn.hook_v"], self.v_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = ctx.kv.attend(self, q, k, v, layer)  # stores k/v where the KV store keeps them, then attends
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            q = ctx.hook_heads(names["attn.hook_rot_q"], apply_rope(q, cos, sin))
+            k = ctx.hook_heads(names["attn.hook_rot_k"], apply_rope(k, cos, sin))
+        if ctx.hooks_any(self.explicit_hook_names):
+            y = self.explicit_attention(q, *self._stored_context(ctx, k, v, layer), ctx)
+        else:
+            y = ctx.kv.attend(self, q, k, v, layer)  # stores k/v where the KV store keeps them, then attends
+        z = ctx.hook(names["attn.hook_z"], y.transpose(1, 2))  # [B, T, H, D]
+        return self.o_proj(z.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _stored_context(self, ctx: ForwardContext, k: Tensor, v: Tensor,
+                        layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The keys, values and mask of the whole context, for the explicit path (the KV store still keeps k/v)."""
+        if not isinstance(ctx.kv, (ContiguousStep, SlotStep)):
+            raise LmforgeError(
+                f"{' / '.join(self.explicit_hook_names)} need the whole attention matrix, which a forward pass "
+                f"computes without a KV store or with the static KVCache; {type(ctx.kv).__name__} (the paged "
+                "engine) attends per sequence: hook these points on model(ids) instead")
+        return ctx.kv.context(self, k, v, layer)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
         """softmax(q k^T * scale [softcapped] + mask) v for q [B, H, T, D], k/v [B, K, S, D] (GQA when K < H).
         ``causal`` (mask None, T == S) lets SDPA take its fastest path."""
         if self.softcap is not None:
-            return self._softcapped_attention(q, k, v, mask)
+            return self.explicit_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                               enable_gqa=self.n_kv != self.n_heads)
 
-    def _softcapped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Gemma 2: scores = cap * tanh(scores / cap) before the mask; SDPA has no hook for that."""
+    def explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                           ctx: ForwardContext | None = None) -> Tensor:
+        """The same attention, step by step: for Gemma 2's soft-cap (scores = cap * tanh(scores / cap) before
+        the mask; SDPA has no hook for it) and for ``ctx``'s hooks on the scores and pattern [B, H, T, S].
+        ``mask`` None: causal over the call's own tokens (all of them when one token follows a cache)."""
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         scores = (q @ k.transpose(-2, -1)) * self.scale
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is None:
             t, s = q.shape[2], k.shape[2]
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        hook = ctx.hook if ctx is not None else _unhooked
+        scores = hook(self.hook_names["attn.hook_attn_scores"], scores)
+        pattern = hook(self.hook_names["attn.hook_pattern"], torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        return pattern @ v
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Config, ffn_size: int) -> None:
+    def __init__(self, config: Config, ffn_size: int, hook_prefix: str) -> None:
         super().__init__()
         h = config.hidden_size
         self.act, self.gated = config.activation, config.mlp == "gated"
@@ -293,30 +411,44 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(h, ffn_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(h, ffn_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(ffn_size, h, bias=config.mlp_bias)
+        points = [p for p in MLP_HOOK_POINTS if self.gated or p != "mlp.hook_pre_linear"]
+        self.hook_names = {p: hook_prefix + p.removeprefix("mlp.") for p in points}
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(activation(self.act, self.up_proj(x)))
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        """``ctx``: the hooks of a block's MLP (a MoE's experts see a subset of tokens and run unhooked)."""
+        hook, names = (ctx.hook if ctx is not None else _unhooked), self.hook_names
+        if self.gated:  # TransformerLens: pre = the gate's input to the activation, pre_linear = the up projection
+            post = activation(self.act, hook(names["mlp.hook_pre"], self.gate_proj(x))) * hook(
+                names["mlp.hook_pre_linear"], self.up_proj(x))
+        else:
+            post = activation(self.act, hook(names["mlp.hook_pre"], self.up_proj(x)))
+        return self.down_proj(hook(names["mlp.hook_post"], post))
 
 
 class MoE(nn.Module):
     """Sparse mixture of experts (Mixtral): route each token to its top-k experts, weights renormalised."""
 
-    def __init__(self, config: Config, ffn_size: int) -> None:
+    def __init__(self, config: Config, ffn_size: int, layer: int) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config, ffn_size) for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(MLP(config, ffn_size, f"blocks.{layer}.mlp.experts.{e}.")
+                                     for e in range(config.num_experts))
+        self.hook_names = {p: f"blocks.{layer}.{p}" for p in MOE_HOOK_POINTS}
 
-    def forward(self, x: Tensor, ctx: "ForwardContext") -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        router_logits = self.gate(x)
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        names, shape = self.hook_names, x.shape
+        x = x.reshape(-1, shape[-1])  # [N, hidden], N = B*T tokens; hooks see them as [B, T, ...]
+        router_logits = ctx.hook(names["mlp.hook_router_logits"], self.gate(x).unflatten(0, shape[:-1])).flatten(0, -2)
         if ctx.router_logits is not None:
             ctx.router_logits.append(router_logits)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        choice = chosen.unflatten(0, shape[:-1])
+        hooked = ctx.hook(names["mlp.hook_expert_choice"], choice)
+        if hooked is not choice:  # re-routed: the new experts weighted by their router probabilities
+            chosen = hooked.flatten(0, -2).long()
+            weights = probs.gather(-1, chosen)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -354,49 +486,31 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.self_attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MoE(config, config.ffn_size(layer)) if config.num_experts else MLP(config, config.ffn_size(layer))
+        ffn = config.ffn_size(layer)
+        self.mlp = MoE(config, ffn, layer) if config.num_experts else MLP(config, ffn, f"blocks.{layer}.mlp.")
         # Gemma 2 "sandwich" norms on each sub-block's output.
         self.attn_out_norm = make_norm(config) if config.post_norms else None
         self.mlp_out_norm = make_norm(config) if config.post_norms else None
-        self.hook_names = {p: f"blocks.{layer}.hook_{p}" for p in BLOCK_HOOK_POINTS}
+        self.hook_names = {p: f"blocks.{layer}.{p}" for p in BLOCK_HOOK_POINTS}
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: "ForwardContext") -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: ForwardContext) -> Tensor:
         names = self.hook_names
-        x = ctx.hook(names["resid_pre"], x)
-        h = self.self_attn(self.attn_norm(x), cos, sin, ctx, self.layer)
+        x = ctx.hook(names["hook_resid_pre"], x)
+        h = self.self_attn(ctx.norm(self.attn_norm, names["ln1.hook_normalized"], x), cos, sin, ctx, self.layer)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
-        x = ctx.hook(names["resid_mid"], x + ctx.hook(names["attn_out"], h))
-        h = self.mlp(self.mlp_norm(x), ctx) if isinstance(self.mlp, MoE) else self.mlp(self.mlp_norm(x))
+        x = ctx.hook(names["hook_resid_mid"], x + ctx.hook(names["hook_attn_out"], h))
+        h = self.mlp(ctx.norm(self.mlp_norm, names["ln2.hook_normalized"], x), ctx)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
-        return ctx.hook(names["resid_post"], x + ctx.hook(names["mlp_out"], h))
+        return ctx.hook(names["hook_resid_post"], x + ctx.hook(names["hook_mlp_out"], h))
 
-
-# Named activations (TransformerLens's names) a caller may read or replace: ``hooks={name: fn}`` where
-# ``fn(activation, name)`` returns a replacement or None (keep). Per layer i: ``blocks.{i}.hook_<point>``.
-BLOCK_HOOK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-Hook = Callable[[Tensor, str], "Tensor | None"]
-
-
-class ForwardContext:
-    """Per-call state every layer sees: the KV step (``kv.attend``), the hooks, MoE router logits."""
-
-    def __init__(self, kv: AttentionStep, hooks: Mapping[str, Hook | Sequence[Hook]] | None,
-                 collect_router_logits: bool) -> None:
-        self.kv, self.hooks = kv, hooks or None
-        self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
-
-    def hook(self, name: str, x: Tensor) -> Tensor:
-        """``x`` through the hooks registered at ``name`` (none: ``x`` itself, nothing else runs)."""
-        if self.hooks is None or name not in self.hooks:
-            return x
-        fns = self.hooks[name]
-        for fn in (fns if isinstance(fns, (list, tuple)) else (fns,)):
-            out = fn(x, name)
-            if out is not None:
-                x = out
-        return x
+    def all_hook_names(self) -> list[str]:
+        """This block's hook points, attention's and the MLP's included, in the order its forward reaches them."""
+        own = self.hook_names
+        return [own["hook_resid_pre"], own["ln1.hook_normalized"], *self.self_attn.hook_names.values(),
+                own["hook_attn_out"], own["hook_resid_mid"], own["ln2.hook_normalized"],
+                *self.mlp.hook_names.values(), own["hook_mlp_out"], own["hook_resid_post"]]
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -424,6 +538,7 @@ class Transformer(nn.Module):
         self.last_router_logits: list[Tensor] | None = None
         self._rope_cache: dict[tuple, tuple[Tensor, float]] = {}
         self.attention_windows = {config.window(i) for i in range(config.num_layers)}  # None: full attention
+        self._hook_name_set = frozenset(self.hook_names())
 
     # -- helpers --
     @property
@@ -486,10 +601,13 @@ class Transformer(nn.Module):
         padding (left padding for generation). ``cache``: the KV store (see ``KVCache.begin``); with one the
         tokens are appended and attend to everything stored before. ``logits_to_keep``: the last k positions
         (int) or the positions given by a 1-D index tensor. ``return_hidden``: the final-normed hidden states
-        instead of logits. ``hooks``: see ``BLOCK_HOOK_POINTS``.
+        instead of logits. ``hooks``: {name: fn or [fns]} at the points ``hook_names()`` lists (see
+        ``BLOCK_HOOK_POINTS``); an unknown name is an ``LmforgeError``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if hooks:
+            self.check_hook_names(hooks)
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if attention_mask is None:
@@ -506,12 +624,12 @@ class Transformer(nn.Module):
                 x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
         else:
             x = inputs_embeds
+        x = ctx.hook("hook_embed", x)
         cos = sin = None
         if self.model.embed_positions is not None:
-            x = x + self.model.embed_positions(positions)
+            x = x + ctx.hook("hook_pos_embed", self.model.embed_positions(positions))
         else:
             cos, sin = self._rope(positions, x.dtype)
-        x = ctx.hook("hook_embed", x)
 
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -523,7 +641,7 @@ class Transformer(nn.Module):
             x = x[:, logits_to_keep]
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = ctx.hook("ln_final.hook_normalized", self.model.norm(x))
+        x = ctx.norm(self.model.norm, "ln_final.hook_normalized", x)
         return x if return_hidden else self.unembed(x)
 
     def decode_step(self, tokens: Tensor, cache: KVCache, compiled: Callable | None = None) -> Tensor:
@@ -537,8 +655,23 @@ class Transformer(nn.Module):
 
     def hook_names(self) -> list[str]:
         """Every hook point of this model, in the order the forward pass reaches them."""
-        blocks = [name for block in self.model.layers for name in block.hook_names.values()]
-        return ["hook_embed", *blocks, "ln_final.hook_normalized"]
+        positions = ["hook_pos_embed"] if self.model.embed_positions is not None else []
+        blocks = [name for block in self.model.layers for name in block.all_hook_names()]
+        return ["hook_embed", *positions, *blocks, "ln_final.hook_normalized"]
+
+    def check_hook_names(self, names: Iterable[str]) -> None:
+        """An ``LmforgeError`` naming the unknown ones and listing the valid points, if any name is not one."""
+        unknown = [name for name in names if name not in self._hook_name_set]
+        if not unknown:
+            return
+        close = difflib.get_close_matches(unknown[0], self._hook_name_set, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        every_layer = [name.removeprefix("blocks.0.") for name in self.model.layers[0].all_hook_names()]
+        model_wide = [name for name in self.hook_names() if not name.startswith("blocks.")]
+        raise LmforgeError(
+            f"unknown hook point(s) {', '.join(map(repr, unknown))}{hint}. This model's hook points: "
+            f"{', '.join(model_wide)}, and blocks.{{i}}.<point> for i in 0..{self.config.num_layers - 1} with "
+            f"<point> one of {', '.join(every_layer)}")
 
     def unembed(self, hidden: Tensor) -> Tensor:
         """Final-normed hidden states -> logits (the LM head, then Gemma 2's soft-cap where configured)."""

@@ -6,6 +6,8 @@ import argparse
 import os
 
 from lmforge.commands import DEVICE_FLAG, command
+from lmforge.models.thinking import add_thinking_flags, budget_from_args
+from lmforge.serve.limits import add_limit_flags, limits_from_args
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -22,12 +24,22 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "kivi2", "kivi4", "int8"],
+                   help="KV cache storage: auto (the --dtype), kivi2/kivi4 (KIVI: keys per channel, values per "
+                        "token, 2/4 bits) or int8 (per token); see lmforge.engine.kv_quant")
+    p.add_argument("--kv-residual-length", type=int, default=0, metavar="TOKENS",
+                   help="with a quantized KV cache: full blocks of recent tokens kept in full precision besides "
+                        "the partly filled one (a multiple of --block-size; default 0)")
     p.add_argument("--draft-model", default=None,
                    help="smaller model with the same tokenizer for speculative decoding (HF directory)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, running requests get this long to finish, then are aborted (503) and "
                         "the server exits (default 5)")
+    p.add_argument("--steering-vector", action="append", default=[], metavar="NAME=PATH",
+                   help="register a steering vector (.gguf llama.cpp control vector or .safetensors) that requests "
+                        "pick with \"steering\": {\"name\": NAME, \"scale\": S}; repeatable")
+    add_limit_flags(p)  # --max-body-bytes, --max-messages, ... (lmforge.serve.limits.ServerLimits)
 
 
 @command("serve", "OpenAI-compatible HTTP server (chat, completions, streaming) over the batching engine")(_serve_args)
@@ -36,12 +48,31 @@ def serve_cmd(args: argparse.Namespace) -> int:
 
     from lmforge.serve.server import serve
 
+    steering_vectors = steering_registry(args.steering_vector)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name,
           device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
           draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-          dtype=getattr(torch, args.dtype), shutdown_timeout=args.shutdown_timeout)
+          kv_cache_dtype=args.kv_cache_dtype, kv_residual_length=args.kv_residual_length,
+          dtype=getattr(torch, args.dtype), shutdown_timeout=args.shutdown_timeout,
+          steering_vectors=steering_vectors, limits=limits_from_args(args))
     return 0
+
+
+def steering_registry(specs: list[str]) -> dict:
+    """``NAME=PATH`` flags -> {name: SteeringVector}, read before the model loads so a bad file fails fast."""
+    from lmforge.errors import LmforgeError
+    from lmforge.models.steering import SteeringVector
+
+    registry = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise LmforgeError(f"--steering-vector takes NAME=PATH, got {spec!r}")
+        if name.strip() in registry:
+            raise LmforgeError(f"--steering-vector: the name {name.strip()!r} is given twice")
+        registry[name.strip()] = SteeringVector.load(path)
+    return registry
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +84,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_thinking_flags(p)
 
 
 @command("chat", "chat with a model in the terminal (its chat template; /reset clears, Ctrl-C stops a reply, "
@@ -69,10 +101,11 @@ def chat_cmd(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     if tokenizer.chat_template is None:
         raise LmforgeError(f"{args.model} has no chat template; use `lmforge generate` instead")
+    thinking = budget_from_args(args, tokenizer, args.max_new_tokens)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     return chat_loop(model, tokenizer, read=_read_terminal if sys.stdin.isatty() else _read_piped,
                      system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, seed=args.seed)
+                     top_p=args.top_p, seed=args.seed, thinking_budget=thinking)
 
 
 def _read_terminal(prompt: str) -> str:
@@ -91,11 +124,12 @@ def _read_piped(prompt: str) -> str:
 
 
 def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.7, top_p: float | None = 0.95, seed: int | None = None) -> int:
+              temperature: float = 0.7, top_p: float | None = 0.95, seed: int | None = None,
+              thinking_budget=None) -> int:
     """The terminal chat. ``read(prompt)`` returns the next line as ``input`` does (EOFError on Ctrl-D,
     KeyboardInterrupt on Ctrl-C); replies go to ``out`` (default stdout). Ctrl-C during a reply stops it and
     returns to the prompt (the words shown stay in the conversation); Ctrl-D or Ctrl-C at the prompt, /quit
-    or /exit leave with 0."""
+    or /exit leave with 0. ``thinking_budget``: a ``lmforge.models.thinking.ThinkingBudget`` for every reply."""
     import sys
 
     import torch
@@ -128,11 +162,17 @@ def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None,
             out.write("[the conversation is longer than the model's context; /reset to start over]\n")
             messages.pop()
             continue
+        if thinking_budget is not None and max(thinking_budget.max_tokens or 0, thinking_budget.min_tokens) >= room:
+            out.write(f"[the context has room for only {room} new tokens, not more than the thinking budget; "
+                      "/reset to start over]\n")
+            messages.pop()
+            continue
         decoder, reply, stopped = tokenizer.incremental_decoder(), [], False
         out.write("model> ")
         out.flush()
         stream = generate_stream(model, torch.tensor([ids]), max_new_tokens=min(max_new_tokens, room),
-                                 temperature=temperature, top_p=top_p, eos_ids=stops, seed=seed)
+                                 temperature=temperature, top_p=top_p, eos_ids=stops, seed=seed,
+                                 thinking_budget=thinking_budget)
         try:
             for token in stream:
                 tid = int(token[0])

@@ -5,28 +5,39 @@ command queue and get outputs back on per-request asyncio queues, so the engine 
 single-threaded. A client that disconnects mid-stream has its request aborted and its KV blocks freed.
 On SIGTERM/Ctrl-C (``serve(shutdown_timeout=)``) running requests get that many seconds to finish; those still
 running then are aborted with a 503 (streams: an error event) and the process exits.
+
+No single request decides how much CPU, memory or engine time is spent (``ServerLimits``): bodies, messages,
+characters, stop strings, schemas and ``n`` are bounded before any work is done; chat templates and the
+tokenizer run on a small thread pool, not the event loop; grammars compile on their own thread with a time
+limit; a client that goes away has its request aborted, streaming or not; slow clients are cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import hmac
 import json
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from lmforge.data.tokenizer import TemplateLimits, chat_template_limits
 from lmforge.errors import LmforgeError
+from lmforge.serve.limits import ServerLimits
 from lmforge.engine.engine import Engine, RequestOutput
 from lmforge.engine.sequence import SamplingParams
+from lmforge.models.steering import Steering, SteeringVector
 
 
 # ---- the engine thread ----------------------------------------------------------------------------
@@ -66,12 +77,13 @@ class AsyncEngine:
                 except queue.Empty:
                     break
                 if kind == "add":
-                    request_id, prompt, params = args
+                    request_id, prompt, params, grammar = args
                     if self._drain_deadline is not None:  # shutting down: take no new work
                         self._deliver(request_id, ShuttingDown("the server is shutting down"))
                         continue
                     try:
-                        self.engine.add_request(prompt, params, request_id=request_id)
+                        # grammar: compiled ahead by the handler, so this thread never waits on a compile
+                        self.engine.add_request(prompt, params, request_id=request_id, grammar=grammar)
                     except Exception as e:  # a bad request must never take the engine thread down
                         self._deliver(request_id, e if isinstance(e, LmforgeError) else RuntimeError(str(e)))
                 else:
@@ -127,11 +139,14 @@ class AsyncEngine:
         if isinstance(item, Exception) or (isinstance(item, RequestOutput) and item.finished):
             self.listeners.pop(request_id, None)
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def submit(self, prompt: str | list[int], params: SamplingParams,
+                     grammar: Any = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them; closing the iterator early aborts it.
+        ``grammar``: the request's compiled grammar (``GrammarBackend.compile_async``), if it has one."""
         request_id = uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self.listeners[request_id] = (asyncio.get_running_loop(), q)
-        self.commands.put(("add", (request_id, prompt, params)))
+        self.commands.put(("add", (request_id, prompt, params, grammar)))
         self._wake.set()
         finished = False
         try:
@@ -173,51 +188,111 @@ def Int(**bounds: Any) -> Any:
     """An integer field that also takes integral floats (bounds first, so /openapi.json shows them)."""
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
-class _Common(BaseModel):
-    # The bounds are in the schema (so /openapi.json documents them) and are checked again by SamplingParams.
-    model_config = ConfigDict(extra="ignore", strict=True)  # no "1.0" -> 1 or 0 -> False coercions
-    model: str | None = None
-    max_tokens: Int(ge=1) | None = None
-    max_completion_tokens: Int(ge=1) | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Int(ge=1, le=16) = 1
-    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
-    stream: bool = False
-    seed: Int(ge=-2**63, le=2**64 - 1) | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    # extensions vLLM users expect
-    top_k: Int(ge=-1) = 0
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    guided_json: dict[str, Any] | None = None
-    guided_regex: Annotated[str, Field(min_length=1)] | None = None
+
+MAX_STEERING_SCALE = 1000.0  # a bound against typos and overflow, above any useful scale of a unit vector
+# Budget forcing's strings (delimiters, extension, answer prefix) are tokenized per request: keep them short.
+MAX_THINKING_TEXT_CHARS = 256
+THINKING_FIELDS = ("max_thinking_tokens", "min_thinking_tokens", "thinking_delimiters", "thinking_extension",
+                   "answer_prefix")
 
 
-class CompletionRequest(_Common):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Int(ge=0)], Field(min_length=1)]
-    logprobs: Int(ge=0, le=20) | None = None
-    echo: bool = False
+class SteeringSpec(BaseModel):
+    """``{"name": ..., "scale": ...}``: add ``scale`` times the named vector (``--steering-vector NAME=PATH``) to
+    the residual stream at its layers, for this request only."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1)]
+    scale: float = Field(1.0, ge=-MAX_STEERING_SCALE, le=MAX_STEERING_SCALE)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
+def _utf8(text: str) -> str:
+    """JSON may carry a lone surrogate (\\ud800), which no tokenizer can encode: a 400 here, not a 500 later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}") \
+            from None
+    return text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None  # only text parts: this server has no image/audio input
+Text = Annotated[str, AfterValidator(_utf8)]
+ThinkingText = Annotated[Text, Field(min_length=1, max_length=MAX_THINKING_TEXT_CHARS)]
 
 
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: Int(ge=0, le=20) | None = None
-    response_format: dict[str, Any] | None = None
+class RequestModels:
+    """The request schemas for one set of limits: the bounds are in the schema, so /openapi.json documents
+    them, and pydantic enforces them before a handler (or the tokenizer) sees the request."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        lim = limits
+        schema_doc = (f"a JSON schema; at most {lim.max_schema_bytes} bytes as compact JSON (else 400), compiled "
+                      f"within {lim.grammar_timeout_s:g} s (else 400)")
+
+        class _Common(BaseModel):
+            # The bounds are in the schema and are checked again by SamplingParams.
+            model_config = ConfigDict(extra="ignore", strict=True)  # no "1.0" -> 1 or 0 -> False coercions
+            model: str | None = None
+            max_tokens: Int(ge=1) | None = None
+            max_completion_tokens: Int(ge=1) | None = None
+            temperature: float = Field(1.0, ge=0.0, le=2.0)
+            top_p: float = Field(1.0, gt=0.0, le=1.0)
+            n: Int(ge=1, le=lim.max_n) = 1
+            # A bounded stop list keeps the engine's per-token stop check cheap.
+            stop: (Annotated[Text, Field(min_length=1, max_length=lim.max_stop_chars)]
+                   | Annotated[list[Annotated[Text, Field(min_length=1, max_length=lim.max_stop_chars)]],
+                               Field(max_length=lim.max_stop)]
+                   | None) = None
+            stream: bool = False
+            seed: Int(ge=-2**63, le=2**64 - 1) | None = None
+            presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+            frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+            # extensions vLLM users expect
+            top_k: Int(ge=-1) = 0
+            min_p: float = Field(0.0, ge=0.0, le=1.0)
+            repetition_penalty: float = Field(1.0, gt=0.0)
+            guided_json: dict[str, Any] | None = Field(None, description=schema_doc)
+            guided_regex: Annotated[Text, Field(min_length=1, max_length=lim.max_schema_bytes)] | None = None
+            # lmforge extension (the openai client sends it in extra_body): a steering vector the server registered
+            steering: SteeringSpec | None = None
+            # budget forcing (s1), also in extra_body: bounds on the model's thinking, in tokens
+            max_thinking_tokens: Int(ge=0) | None = Field(None, description=(
+                "force the end thinking delimiter after this many thinking tokens (then answer_prefix); must be "
+                "below max_tokens"))
+            min_thinking_tokens: Int(ge=0) | None = Field(None, description=(
+                "below this many thinking tokens an end delimiter is replaced by thinking_extension"))
+            thinking_delimiters: Annotated[list[ThinkingText], Field(min_length=2, max_length=2)] | None = Field(
+                None, description="[start, end] tokens of the model's vocabulary (default [\"<think>\", \"</think>\"])")
+            thinking_extension: ThinkingText | None = Field(None, description="default \"Wait\"")
+            answer_prefix: ThinkingText | None = None
+
+        class CompletionRequest(_Common):
+            prompt: (Annotated[Text, Field(min_length=1, max_length=lim.max_prompt_chars)]
+                     | Annotated[list[Int(ge=0)], Field(min_length=1, max_length=lim.max_prompt_chars)])
+            logprobs: Int(ge=0, le=20) | None = None
+            echo: bool = False
+
+        class TextPart(BaseModel):
+            model_config = ConfigDict(extra="ignore", strict=True)
+            type: Literal["text"]
+            text: Annotated[Text, Field(max_length=lim.max_prompt_chars)]
+
+        class ChatMessage(BaseModel):
+            model_config = ConfigDict(extra="ignore", strict=True)
+            role: Literal["system", "user", "assistant", "tool", "developer"]
+            # only text parts: this server has no image/audio input
+            content: (Annotated[Text, Field(max_length=lim.max_prompt_chars)]
+                      | Annotated[list[TextPart], Field(max_length=lim.max_messages)] | None) = None
+
+        class ChatRequest(_Common):
+            messages: list[ChatMessage] = Field(
+                min_length=1, max_length=lim.max_messages,
+                description=f"at most {lim.max_messages} messages and {lim.max_prompt_chars} characters of "
+                            "content in all (else 400)")
+            logprobs: bool = False
+            top_logprobs: Int(ge=0, le=20) | None = None
+            response_format: dict[str, Any] | None = Field(None, description="json_schema: " + schema_doc)
+
+        self.Common, self.CompletionRequest, self.ChatRequest = _Common, CompletionRequest, ChatRequest
+        self.ChatMessage, self.TextPart = ChatMessage, TextPart
 
 
 class ErrorDetail(BaseModel):
@@ -237,6 +312,10 @@ ERRORS = {400: {"model": ErrorBody, "description": "invalid request, e.g. max_to
                                                  "model's context length"},
           401: {"model": ErrorBody, "description": "missing or wrong API key"},
           404: {"model": ErrorBody, "description": "unknown model"},
+          408: {"model": ErrorBody, "description": "the request body did not arrive in time (body_timeout_s)"},
+          413: {"model": ErrorBody, "description": "the request body is larger than max_body_bytes"},
+          429: {"model": ErrorBody, "description": "too many requests in flight, or the grammar compiler is busy; "
+                                                  "retry after the Retry-After seconds"},
           500: {"model": ErrorBody, "description": "engine failure"},
           503: {"model": ErrorBody, "description": "the server is shutting down (the request was aborted)"}}
 CONTEXT_DOC = ("`max_tokens` (or `max_completion_tokens`) plus the prompt's tokens must fit the model's context "
@@ -258,7 +337,17 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
-def _grammar(req: _Common) -> dict[str, Any]:
+def _schema(schema: dict[str, Any], max_bytes: int, param: str) -> dict[str, Any]:
+    # Compile time grows faster than linearly with a schema's size (e.g. an enum of 10,000 strings takes
+    # seconds, 100,000 minutes), and a compile cannot be interrupted: the size is the bound that holds.
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > max_bytes:
+        raise APIError(400, f"the JSON schema is {size} bytes as compact JSON; this server compiles schemas of at "
+                            f"most {max_bytes} bytes", param)
+    return schema
+
+
+def _grammar(req: BaseModel, max_schema_bytes: int) -> dict[str, Any]:
     """SamplingParams fields for structured output, from vLLM-style guided_* or OpenAI response_format."""
     fmt = getattr(req, "response_format", None) or {}
     kind = fmt.get("type", "text")
@@ -266,20 +355,20 @@ def _grammar(req: _Common) -> dict[str, Any]:
         spec = fmt.get("json_schema") or {}
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", "response_format")
-        return {"json_schema": spec["schema"]}
+        return {"json_schema": _schema(spec["schema"], max_schema_bytes, "response_format")}
     if kind == "json_object":
         return {"json_object": True}
     if kind != "text":
         raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "response_format")
     if req.guided_json is not None:
-        return {"json_schema": req.guided_json}
+        return {"json_schema": _schema(req.guided_json, max_schema_bytes, "guided_json")}
     if req.guided_regex is not None:
         return {"regex": req.guided_regex}
     return {}
 
 
-def _max_tokens(req: _Common, engine: Engine, prompt_len: int, default: int | None) -> int:
+def _max_tokens(req: BaseModel, engine: Engine, prompt_len: int, default: int | None) -> int:
     """The request's max_tokens, checked against the context; when omitted ``default`` (None: the rest of the
     context), never past the context or the KV pool."""
     context = engine.max_model_len
@@ -298,36 +387,277 @@ def _max_tokens(req: _Common, engine: Engine, prompt_len: int, default: int | No
     return max(1, room if default is None else min(default, room))
 
 
-def _params(req: _Common, logprobs: int | None, max_tokens: int) -> SamplingParams:
+def _params(req: BaseModel, logprobs: int | None, max_tokens: int, limits: ServerLimits) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                             repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                             presence_penalty=req.presence_penalty, seed=req.seed, stop=stop, n=req.n,
-                            max_tokens=max_tokens, logprobs=logprobs, **_grammar(req))
+                            max_tokens=max_tokens, logprobs=logprobs, **_grammar(req, limits.max_schema_bytes),
+                            **{k: getattr(req, k) for k in THINKING_FIELDS if getattr(req, k) is not None})
     try:
         return params.validate()
     except LmforgeError as e:
         raise APIError(400, str(e)) from None
 
 
-def _content_text(content: str | list[TextPart] | None) -> str:
+def _content_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return "".join(part.text for part in content)
 
 
+# ---- the guard in front of the app ---------------------------------------------------------------------
+class _Refused(Exception):
+    """The guard answers this request itself (status, message) without calling the app."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class _Guard:
+    """Plain ASGI middleware: the API key (constant-time compare), the in-flight request limit, the body size
+    (Content-Length, then counted while it streams in) and the body read deadline, all before any JSON is
+    parsed. The body is buffered (at most ``max_body_bytes``) and replayed to the app."""
+
+    EXEMPT = ("/health", "/metrics")  # monitoring keeps answering when the server is full
+
+    def __init__(self, app: Any, limits: ServerLimits, api_key: str | None) -> None:
+        self.app, self.limits = app, limits
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])  # ASGI servers give lower-case names as bytes
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if self.expected is not None and path.startswith("/v1/") and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await _error(401, "invalid or missing API key", kind="authentication_error")(scope, receive, send)
+        if path in self.EXEMPT:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            response = _error(429, f"the server already has {self.in_flight} requests in flight (its limit); "
+                                   "retry shortly", kind="rate_limit_error")
+            response.headers["Retry-After"] = "1"
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            try:
+                body = await self._read_body(headers, receive)
+            except _Refused as e:
+                return await _error(e.status, e.message, kind=e.kind)(scope, receive, send)
+            if body is None:  # the client went away while sending
+                return
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: http.disconnect when the client goes away
+
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _read_body(self, headers: dict, receive: Callable) -> bytes | None:
+        most = self.limits.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:  # (uvicorn's h11 refuses these itself; other servers may pass them on)
+                raise _Refused(400, f"Content-Length is not a number: {declared[:40]!r}") from None
+            if size > most:
+                raise _Refused(413, f"the request body is {size} bytes; this server takes at most {most}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise _Refused(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s") \
+                    from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > most:  # a chunked body, or one longer than its Content-Length said
+                raise _Refused(413, f"the request body is over {most} bytes, the most this server takes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """Await ``awaitable``; if the client disconnects first, cancel it (so a request being generated is
+    aborted) and raise ClientGone."""
+    task = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            # let the cancellation run its cleanup (the abort) before going on
+            with contextlib.suppress(BaseException):  # CancelledError, or whatever the cleanup raised
+                await task
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+def uvicorn_settings(limits: ServerLimits) -> dict[str, Any]:
+    """uvicorn.Config keyword arguments for ``limits``: connection limit, keep-alive and request-head
+    timeouts, request-head size."""
+    return {"http": _h11_with_head_timeout(limits.header_timeout_s), "limit_concurrency": limits.max_connections,
+            "timeout_keep_alive": limits.keep_alive_s, "h11_max_incomplete_event_size": limits.max_header_bytes}
+
+
+def _h11_with_head_timeout(seconds: float) -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _H11(H11Protocol):
+        """uvicorn's h11 protocol plus a deadline for each request head. uvicorn waits indefinitely for the
+        first request's head, and for the rest of any head once its first byte has arrived (its keep-alive
+        timer only covers a fully idle connection), so a client trickling bytes could hold a connection."""
+
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()  # the next request's head on this keep-alive connection
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._cancel_head_timer()  # a head arrived: the body has its own deadline (body_timeout_s)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return _H11
+
+
 # ---- the app -------------------------------------------------------------------------------------
 def build_app(engine: Engine, model_name: str, api_key: str | None = None,
-              clock: Callable[[], float] = time.monotonic) -> FastAPI:
-    """The app; ``app.state.runner.drain(seconds)`` starts a graceful shutdown (``serve`` does on SIGTERM)."""
+              clock: Callable[[], float] = time.monotonic,
+              steering_vectors: dict[str, SteeringVector] | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
+    """The app; ``app.state.runner.drain(seconds)`` starts a graceful shutdown (``serve`` does on SIGTERM).
+    ``steering_vectors``: name -> vector, what a request's ``"steering": {"name", "scale"}`` may pick.
+    ``limits``: the per-request bounds (default ``ServerLimits()``)."""
+    limits = limits or ServerLimits()
+    schemas = RequestModels(limits)
+    steering_registry = dict(steering_vectors or {})
+    for name, vector in steering_registry.items():  # a vector for another model fails at start-up, not per request
+        vector.check(engine.model, f"steering vector {name!r}")
     app = FastAPI(title="lmforge", version="0.1")
     runner = AsyncEngine(engine, clock=clock)
     app.state.runner = runner
+    app.state.limits = limits
     tokenizer = engine.tokenizer
+    # Templates and the tokenizer take CPU time proportional to the request: never on the event loop, and
+    # at most this many at once (the rest queue).
+    workers = ThreadPoolExecutor(max_workers=limits.tokenizer_threads, thread_name_prefix="lmforge-tokenize")
+    template_limits = TemplateLimits(max_seconds=limits.template_timeout_s,
+                                     max_output_chars=2 * limits.max_prompt_chars + (1 << 16))
+
+    async def off_loop(fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
+
+    def encode(text: str) -> list[int]:
+        # encode_batch releases the GIL while the Rust side works; encode does not (it would stall the loop)
+        batch = getattr(tokenizer, "encode_batch", None)
+        return batch([text])[0] if batch is not None else tokenizer.encode(text)
+
+    def render_chat(messages: list[dict[str, str]]) -> list[int]:
+        with chat_template_limits(template_limits):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # the template writes its own special tokens (as apply_chat_template's own encoding does)
+        return tokenizer.encode_batch([text], add_special_tokens=False)[0]
+
+    async def compile_grammar(params: SamplingParams) -> Any:
+        """The request's grammar, compiled on the grammar backend's thread within grammar_timeout_s; the
+        engine's thread only ever gets a compiled grammar."""
+        if params.grammar is None:
+            return None
+        try:
+            backend = await off_loop(engine.grammar_backend)  # built once (reads the vocabulary)
+            future = backend.compile_async(*params.grammar)
+        except LmforgeError as e:
+            raise APIError(400, str(e)) from None
+        waiter = asyncio.wrap_future(future)
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we stop waiting
+        done, _ = await asyncio.wait({waiter}, timeout=limits.grammar_timeout_s)
+        if not done:
+            if future.running():
+                raise APIError(400, f"the grammar did not compile within {limits.grammar_timeout_s:g} s; use a "
+                                    "smaller schema (e.g. fewer enum values or properties)")
+            raise APIError(429, f"the grammar compiler is busy with other requests' schemas; not started within "
+                                f"{limits.grammar_timeout_s:g} s, retry shortly", kind="rate_limit_error")
+        try:
+            return waiter.result()
+        except LmforgeError as e:
+            raise APIError(400, str(e)) from None
+
+    def steering(spec: SteeringSpec | None) -> Steering | None:
+        if spec is None:
+            return None
+        vector = steering_registry.get(spec.name)
+        if vector is None:
+            known = ", ".join(repr(n) for n in sorted(steering_registry)) or "none (start the server with " \
+                "--steering-vector NAME=PATH)"
+            raise APIError(400, f"unknown steering vector {spec.name!r}; this server has: {known}", "steering.name")
+        return Steering(vector, spec.scale, name=spec.name)
+
+    def check_thinking(params: SamplingParams) -> None:
+        """A budget this model cannot run (no such delimiter tokens, no tokenizer) is a 400 before any work."""
+        try:
+            engine.thinking_budget(params)
+        except LmforgeError as e:
+            raise APIError(400, str(e)) from None
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
         runner.close()
+        workers.shutdown(wait=False, cancel_futures=True)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -349,12 +679,12 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
             return _error(400, "request body is not valid JSON")
         return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where or None)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "invalid or missing API key", kind="authentication_error")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # a bug still answers in the OpenAI shape (Starlette's default is a plain-text 500)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+    app.add_middleware(_Guard, limits=limits, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", model_name):
@@ -396,10 +726,14 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
                       f"lmforge_draft_tokens_accepted_total {engine.stats['draft_accepted']}"]
         return PlainTextResponse("\n".join(lines) + "\n")
 
-    async def run(prompt, params: SamplingParams, stream: bool, render):
+    async def run(request: Request, prompt, params: SamplingParams, stream: bool, render):
+        grammar = await compile_grammar(params)
         try:
-            outputs = runner.submit(prompt, params)
-            first = await outputs.__anext__()  # surfaces request errors as a 400 before streaming starts
+            outputs = runner.submit(prompt, params, grammar)
+            # surfaces request errors as a 400 before streaming starts; a client gone meanwhile aborts it
+            first = await _unless_disconnected(request, outputs.__anext__())
+        except ClientGone:
+            return _error(499, "the client closed the connection; the request was aborted")
         except ShuttingDown as e:
             raise APIError(503, str(e), kind="server_error") from None
         except LmforgeError as e:
@@ -409,10 +743,17 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
         except StopAsyncIteration:
             raise APIError(500, "the engine returned nothing", kind="server_error") from None
         if not stream:
-            last = first
-            try:
+            async def rest() -> RequestOutput:
+                last = first
                 async for last in outputs:
                     pass
+                return last
+
+            try:
+                # A non-streaming client that disconnects has its request aborted too, not generated for nobody.
+                last = await _unless_disconnected(request, rest())
+            except ClientGone:
+                return _error(499, "the client closed the connection; the request was aborted")
             except ShuttingDown as e:
                 raise APIError(503, str(e), kind="server_error") from None
             except RuntimeError as e:
@@ -435,32 +776,45 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions", responses={**STREAMING, **ERRORS}, description=COMPLETIONS_DOC)
-    async def completions(req: CompletionRequest):
+    async def completions(req: Any, request: Request):
         check_model(req.model)
         prompt = req.prompt
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids as the prompt", "prompt")
-            prompt = tokenizer.encode(prompt)  # what the engine would do; the context check needs the count
-        params = _params(req, req.logprobs, _max_tokens(req, engine, len(prompt), default=16))
-        return await run(prompt, params, req.stream, _CompletionRender(model_name, params.n))
+            prompt = await off_loop(encode, prompt)  # the engine would do it; the context check needs the count
+        params = _params(req, req.logprobs, _max_tokens(req, engine, len(prompt), default=16), limits)
+        params.steering = steering(req.steering)
+        check_thinking(params)
+        return await run(request, prompt, params, req.stream, _CompletionRender(model_name, params.n))
 
-    @app.post("/v1/chat/completions", responses={**STREAMING, **ERRORS}, description=CHAT_DOC)
-    async def chat(req: ChatRequest):
+    async def chat(req: Any, request: Request):
         check_model(req.model)
         if tokenizer is None or tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
                     for m in req.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limits.max_prompt_chars:
+            raise APIError(400, f"the messages have {chars} characters of content; this server takes at most "
+                                f"{limits.max_prompt_chars}", "messages")
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = await off_loop(render_chat, messages)
         except LmforgeError as e:
             raise APIError(400, str(e), "messages") from None
-        params = _params(req, req.top_logprobs if req.logprobs else None,
-                         _max_tokens(req, engine, len(ids), default=None))
-        return await run(ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer))
+        # logprobs=true alone asks for the chosen tokens' log-probabilities (OpenAI); top_logprobs adds alternatives
+        params = _params(req, (req.top_logprobs or 0) if req.logprobs else None,
+                         _max_tokens(req, engine, len(ids), default=None), limits)
+        params.steering = steering(req.steering)
+        check_thinking(params)
+        return await run(request, ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer))
 
+    # The request schemas carry this app's limits, so they are classes made at run time: the handlers'
+    # annotations name them directly (a string annotation could not find them).
+    completions.__annotations__["req"] = schemas.CompletionRequest
+    chat.__annotations__["req"] = schemas.ChatRequest
+    app.post("/v1/completions", responses={**STREAMING, **ERRORS}, description=COMPLETIONS_DOC)(completions)
+    app.post("/v1/chat/completions", responses={**STREAMING, **ERRORS}, description=CHAT_DOC)(chat)
     return app
 
 
@@ -525,16 +879,22 @@ class _ChatRender(_CompletionRender):
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, shutdown_timeout: float = 5.0, **engine_kwargs: Any) -> None:
+          model_name: str | None = None, shutdown_timeout: float = 5.0,
+          steering_vectors: dict[str, SteeringVector] | None = None, limits: ServerLimits | None = None,
+          **engine_kwargs: Any) -> None:
     """Serve until SIGTERM/Ctrl-C; then running requests get ``shutdown_timeout`` seconds to finish before they
-    are aborted (503, or an error event on a stream) and the process exits."""
+    are aborted (503, or an error event on a stream) and the process exits. ``steering_vectors``: the registry a
+    request's ``"steering": {"name": ..., "scale": ...}`` picks from. ``limits``: per-request and connection
+    bounds (default ``ServerLimits()``)."""
     import uvicorn
     from pathlib import Path
 
     if shutdown_timeout < 0:
         raise LmforgeError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout}")
     engine = Engine(model_path, **engine_kwargs)
-    app = build_app(engine, model_name or Path(model_path).name, api_key)
+    limits = limits or ServerLimits()
+    app = build_app(engine, model_name or Path(model_path).name, api_key, steering_vectors=steering_vectors,
+                    limits=limits)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -543,5 +903,5 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     # uvicorn's own limit is the backstop: past it, it cancels whatever request task still has not answered.
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=shutdown_timeout + 2.0)
+                            timeout_graceful_shutdown=shutdown_timeout + 2.0, **uvicorn_settings(limits))
     _Server(config).run()

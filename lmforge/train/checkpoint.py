@@ -9,12 +9,16 @@ Layout of ``<run>/checkpoints/step-00000100/``:
                      and recipe, or the RL config
 ``<run>/checkpoints/latest`` names the newest complete checkpoint. A checkpoint directory is built
 beside its final name and renamed into place, and ``latest`` is replaced only after that, so a crash
-mid-save leaves the previous checkpoint as "latest".
+mid-save leaves the previous checkpoint as "latest". What such a crash leaves behind (a ``.step-N.*.tmp``
+directory holding a full model copy, ...) is removed when a run starts in that directory
+(``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,38 @@ def _prune(run_dir: str | Path, keep: int, protect: Path) -> None:
     for old in done[:-keep]:
         if old != protect:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# What ``io.atomic_directory``/``atomic_file`` leave when the process is killed mid-save (tempfile's names:
+# 8 characters of [a-z0-9_]); nothing else in the run directory is ever touched.
+_STALE_TMP = re.compile(r"\.step-\d{8}\.[a-z0-9_]{8}\.tmp")  # a checkpoint being written
+_STALE_OLD = re.compile(r"\.(step-\d{8})\.old-\d+")  # a checkpoint moved aside while being replaced
+_STALE_FILE = re.compile(r"\.latest\.[a-z0-9_]{8}\.tmp")  # the ``latest`` pointer being replaced
+_STALE_MODEL = re.compile(r"\.model\.[a-z0-9_]{8}\.tmp")  # <run>/model being written (RL commands)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete what saves killed mid-way left in ``run_dir`` (call it before a run starts there, on rank 0 only);
+    returns what was removed. A checkpoint moved aside and never replaced (killed between the two renames) is
+    put back under its name instead, since ``latest`` may name it."""
+    run_dir, root = Path(run_dir), checkpoint_root(run_dir)
+    removed: list[Path] = []
+    for folder, pattern in ((root, _STALE_TMP), (root, _STALE_OLD), (root, _STALE_FILE), (run_dir, _STALE_MODEL)):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            m = pattern.fullmatch(p.name)
+            if m is None:
+                continue
+            if pattern is _STALE_OLD and p.is_dir() and not (root / m.group(1)).exists():
+                os.replace(p, root / m.group(1))
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import typing
 from typing import Any
 
@@ -26,9 +27,29 @@ SHARED: dict[str, dict[str, Any]] = {
     "out": dict(metavar="DIR", help="the run directory"),
     "seed": dict(type=int, default=0, help="random seed"),
     "resume": dict(nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the run's latest checkpoint (or the one given)"),
+                   help="continue from the run's latest checkpoint (or the one given); a key=value after it is an "
+                        "override, not a checkpoint (write a checkpoint path with '=' in it as ./PATH)"),
     "device": DEVICE_FLAG,
 }
+
+
+# An override's shape (``max_steps=32``, ``optim.lr=1e-3``): a dotted name, then '='. A path has a '/' or
+# starts with '.' before any '=', so ``./runs/a=b`` stays a checkpoint path.
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+class _Resume(argparse.Action):
+    """``--resume [CHECKPOINT]``: argparse would take a following ``key=value`` as the checkpoint; it is kept
+    as an override instead (``resume_overrides``, read by ``split_recipe``) and the run resumes from latest."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if isinstance(values, str) and _OVERRIDE.match(values):  # a bare --resume gives const (True) here
+            # Positionals not yet parsed come after this one on the command line: keep that order.
+            first = getattr(namespace, "recipe", None) is None and not getattr(namespace, "overrides", None)
+            namespace.resume_overrides = [*(getattr(namespace, "resume_overrides", None) or []), values]
+            namespace.resume_overrides_first = first
+            values = self.const
+        setattr(namespace, self.dest, values)
 
 
 class _SetsField(argparse.Action):
@@ -52,6 +73,8 @@ def shared_flags(p: argparse._ActionsContainer, *names: str,
         kwargs = {**SHARED[name], **changes.get(name, {})}
         if name in (fields or {}):
             kwargs.update(action=_SetsField, key=fields[name])
+        elif name == "resume":
+            kwargs["action"] = _Resume
         p.add_argument(f"--{name}", **kwargs)
 
 
@@ -82,10 +105,15 @@ def recipe_args(p: argparse.ArgumentParser, overrides_help: str = "recipe overri
 
 
 def split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """(recipe file or None, overrides): a first positional that is an override, not a YAML file, is one."""
-    if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
-        return None, [args.recipe, *args.overrides]
-    return args.recipe, list(args.overrides)
+    """(recipe file or None, overrides): a first positional that is an override, not a YAML file, is one; a
+    ``key=value`` right after ``--resume`` is one too (``_Resume``), in its place on the command line."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe, *overrides]
+    after_resume = getattr(args, "resume_overrides", None) or []
+    if getattr(args, "resume_overrides_first", False):
+        return recipe, [*after_resume, *overrides]
+    return recipe, [*overrides, *after_resume]
 
 
 def load_config(args: argparse.Namespace, cls: type | None = None, defaults: dict[str, Any] | None = None,

@@ -230,6 +230,10 @@ class Harness:
         ``evaluate() -> metrics`` at step 0, every ``eval_every`` steps and at the end.
         Returns (this call's records, the last checkpoint)."""
         spec, main = self.spec, self.dist.main
+        if main:  # a save killed mid-way leaves a full model copy behind; before resume, which may need a put-back
+            for stale in ckpt.remove_stale_temporaries(self.run_dir):
+                print(f"note: removed {stale}, left by an interrupted save")
+        self.dist.barrier()
         if resume and not owner.resume(None if resume is True else Path(resume)) and main:
             print(f"note: no checkpoint in {self.run_dir}; starting from scratch")
         if main:

@@ -50,6 +50,7 @@ class DataSpec:
     seq_len: int = 256
     max_docs: int | None = None  # cap on documents read (quick experiments)
     truncate: bool = True  # SFT: truncate conversations longer than seq_len (counted) instead of failing
+    errors: str = "strict"  # text files that are not UTF-8: "strict" (error naming file and offset) | "replace"
 
 
 @dataclass

@@ -57,7 +57,8 @@ def _pretrain_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, 
     def caches_():
         return build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
                                  val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                                 glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed)
+                                 glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed,
+                                 errors=cfg.data.errors)
 
     # Rank 0 tokenizes; the others wait, then find the finished cache.
     if procs.main:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lmforge.data.pretrain import PackedDataset, build_token_cache, read_documents
+from lmforge.data import pretrain
+from lmforge.data.pretrain import PackedDataset, build_token_cache, iter_cuts, read_documents
 from lmforge.data.sampler import StepSampler
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -78,6 +83,33 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     f.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(LmforgeError, match=r"x.jsonl:2: not valid UTF-8"):
         list(read_documents([f]))
+
+
+def test_text_file_that_is_not_utf8_names_file_and_offset(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xc3\xa9 ok \xff\xfe tail")  # valid UTF-8 up to byte 9
+    with pytest.raises(LmforgeError, match=r"bad.txt: not valid UTF-8 at byte offset 9"):
+        list(read_documents([bad]))
+    with pytest.raises(LmforgeError, match=r"bad.txt: not valid UTF-8 at byte offset 9"):
+        build_token_cache([tmp_path], ByteTokenizer(), tmp_path / "cache")
+    assert list(read_documents([bad], errors="replace")) == ["café ok \ufffd\ufffd tail"]  # only when asked
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"MZ\x00\x00\x03")  # valid UTF-8, but NUL bytes: an executable renamed .txt
+    with pytest.raises(LmforgeError, match=r"blob.txt: NUL byte at byte offset 2"):
+        list(read_documents([binary]))
+    with pytest.raises(LmforgeError, match="errors must be one of strict, replace"):
+        build_token_cache([bad], ByteTokenizer(), tmp_path / "cache", errors="ignore")
+
+
+def test_jsonl_errors_option_and_file_offset(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "a\xffb"}\n')
+    with pytest.raises(LmforgeError, match=r"x.jsonl:2: not valid UTF-8 .*byte offset 26 in the file"):
+        list(read_documents([f]))
+    assert list(read_documents([f], errors="replace")) == ["ok", "a\ufffdb"]
+    replaced = build_token_cache([f], ByteTokenizer(), tmp_path / "cache", errors="replace")
+    assert replaced.train.num_docs == 2  # and a cache of its own: not shared with the strict reading
+    assert "errors" in json.loads(next((tmp_path / "cache").glob("*.json")).read_text())["key"]
 
 
 def test_bad_parquet_column(tmp_path):
@@ -181,6 +213,79 @@ def test_explicit_validation_files(corpus, tmp_path):
     val.write_text("held out")
     caches = build_token_cache([corpus], ByteTokenizer(), tmp_path / "cache", val_paths=[val])
     assert caches.train.num_docs == 6 and np.array_equal(caches.val.tokens(), expected_stream(["held out"]))
+
+
+# ---- long documents -----------------------------------------------------------------------------
+def test_cuts_are_bounded_and_prefer_word_boundaries():
+    text = "alpha beta\ngamma  delta 12345 (x) " * 40
+    cuts = list(iter_cuts(text, 50))
+    assert "".join(text[a:b] for a, b in cuts) == text and cuts[0][0] == 0 and cuts[-1][1] == len(text)
+    assert all(0 < b - a <= 50 for a, b in cuts)
+    assert all(text[b] == " " and not text[b - 1].isspace() and not text[b + 1].isspace() for _, b in cuts[:-1])
+    blob = "x" * 120  # no safe place at all: cut at the limit
+    assert list(iter_cuts(blob, 50)) == [(0, 50), (50, 100), (100, 120)]
+    assert list(iter_cuts("short", 50)) == [(0, 5)]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from lmforge.data.tokenizer import train_bpe_tokenizer
+
+    lines = [f"def f_{i}(x):\n    return x * {i} + {i * 7}  # note: über 日本 ok\n" for i in range(200)]
+    return train_bpe_tokenizer(lines, vocab_size=400)
+
+
+def test_long_document_is_tokenized_in_pieces_with_the_same_tokens(bpe, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "PIECE_CHARS", 64)
+    monkeypatch.setattr(pretrain, "CHUNK_CHARS", 300)  # flushes fall inside the long document too
+    long_doc = "".join(f"def f_{i}(x):\n    return x * {i} + {i * 7}  # note: über 日本 ok\n" for i in range(150))
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"text": long_doc}) + "\n" + json.dumps({"text": "tail doc"}) + "\n")
+    caches = build_token_cache([f], bpe, tmp_path / "cache")
+    whole = [*bpe.encode(long_doc, add_special_tokens=False), bpe.eos_id,
+             *bpe.encode("tail doc", add_special_tokens=False), bpe.eos_id]
+    assert caches.train.num_docs == 2 and caches.train.tokens().tolist() == whole
+
+
+_MEASURE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from lmforge.data import pretrain
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok, data, cache = load_tokenizer(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    pretrain.CHUNK_CHARS = 1 << 20  # the same batch budget for both layouts, small enough to be quick
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    def kib(field):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+    before = kib("VmRSS")
+    pretrain.build_token_cache([data], tok, cache)
+    print(json.dumps({"peak_kib": kib("VmHWM") - before}))
+""")
+
+
+def _peak_kib(tok_dir, data, cache) -> int:
+    env = {**os.environ, "RAYON_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(tok_dir), str(data), str(cache)], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
+def test_tokenizing_a_long_line_takes_no_more_memory_than_many_lines(bpe, tmp_path):
+    # 3 MB of text as one JSONL line vs the same bytes over 1,000 lines: memory must not follow line length
+    # (before chunking, the single line took ~10x as much: the tokenizer's working set grows with input length).
+    bpe.save(tmp_path / "tok")
+    text = " ".join(f"word{i % 97} x{i % 13}." for i in range(300_000))[:3_000_000]
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": text}) + "\n")
+    many = tmp_path / "many.jsonl"
+    step = len(text) // 1000
+    many.write_text("".join(json.dumps({"text": text[i:i + step]}) + "\n" for i in range(0, len(text), step)))
+    single, spread = _peak_kib(tmp_path / "tok", one, tmp_path / "c1"), _peak_kib(tmp_path / "tok", many, tmp_path / "c2")
+    # Holding the one document (its line, then its text) is allowed: ~3 copies of 3 MB beyond the many-line run.
+    assert single <= 1.5 * spread + 3 * 3_000, (single, spread)
 
 
 def test_sequence_longer_than_corpus(tmp_path, corpus):

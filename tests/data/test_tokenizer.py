@@ -363,3 +363,59 @@ def test_train_deterministic_and_lossless():
 def test_isinstance_api(bpe_dir):
     tok = load_tokenizer(bpe_dir)
     assert isinstance(tok, Tokenizer) and isinstance(tok.vocab_size, int) and tok.chat_template is not None
+
+
+# ---- chat template cost bounds (issue 18): the sandbox stops escapes, these stop unbounded CPU/memory -------
+COSTLY_TEMPLATES = {
+    "string repetition": "{{ 'x' * 50000000 }}",
+    "list repetition": "{{ ([1] * 50000000) | length }}",
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "doubling with ~": "{% set ns = namespace(s='xx') %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s | length }}",
+    "doubling with +": "{% set ns = namespace(s='xx') %}{% for i in range(30) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s | length }}",
+    "huge power": "{{ (10 ** 10000000) % 7 }}",
+    "format width": "{{ '%050000000d' % 1 }}",
+    "str.format width": "{{ '{:>50000000}'.format(1) }}",
+    "filter width": "{{ 'x' | center(50000000) }}",
+    "method width": "{{ 'x'.ljust(50000000) }}",
+    "replace blow-up": "{% set s = 'x' * 100000 %}{{ s.replace('', 'y' * 1000) | length }}",
+    "join blow-up": "{{ ('x' * 10000).join(['a'] * 10000) | length }}",
+    "captured output": "{% for i in range(100000) %}{% set x %}{{ 'y' * 100000 }}{% endset %}{% endfor %}",
+    "recursion": "{% macro f(n) %}{{ f(n) }}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+}
+
+
+@pytest.mark.parametrize("name", list(COSTLY_TEMPLATES))
+def test_costly_chat_template_is_stopped(name):
+    import threading
+
+    from lmforge.data.tokenizer import TemplateCostError, TemplateLimits, chat_template_limits
+
+    tok = train_bpe_tokenizer(["hello world " * 50], vocab_size=270)
+    limits = TemplateLimits(max_seconds=2.0, max_steps=200_000, max_output_chars=1_000_000,
+                            max_value_chars=1_000_000)
+    result: dict = {}
+
+    def render():  # on a thread, so an unbounded render fails this test instead of hanging it
+        try:
+            with chat_template_limits(limits):
+                result["out"] = tok.render_chat([{"role": "user", "content": "hi"}], chat_template=COSTLY_TEMPLATES[name])
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+
+    t = threading.Thread(target=render, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), f"{name}: the render ran past any bound"
+    assert isinstance(result.get("error"), TemplateCostError), result
+
+
+def test_template_limits_leave_ordinary_templates_alone(bpe_dir):
+    from lmforge.data.tokenizer import TemplateLimits, chat_template_limits
+
+    tok = load_tokenizer(bpe_dir)
+    chat = [{"role": "user", "content": "hi " * 2000}, {"role": "assistant", "content": "ok"}] * 50
+    plain = tok.render_chat(chat, chat_template=LLAMA3_TEMPLATE)
+    with chat_template_limits(TemplateLimits(max_seconds=5.0, max_steps=10_000, max_output_chars=1_000_000)):
+        assert tok.render_chat(chat, chat_template=LLAMA3_TEMPLATE) == plain

@@ -3,6 +3,7 @@ seeded sampling does not depend on batching, and the stop check costs O(1) per t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.engine import Engine, SamplingParams
@@ -24,16 +25,37 @@ def test_greedy_equals_reference_and_mode_is_kept(tiny_model):
         assert samples[0].token_ids == generate(model, torch.tensor([prompt]), max_new_tokens=9, eos_ids=())[0].tolist()
 
 
-def test_n_samples_share_the_prompt_blocks(tiny_model):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_samples_compute_the_prompt_once(tiny_model, prefix_caching):
     model = tiny_model("llama")
     prompt = list(range(10, 50))  # 40 tokens: 2 full blocks of 16 and 8 more
+    engine = Engine(model, block_size=16, num_blocks=64, enable_prefix_caching=prefix_caching)
+    params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=6, ignore_eos=True)
+    [out] = engine.generate([prompt], params)
+    # The first sample computes the prompt; the others fork from it (its 2 full blocks shared, the partly
+    # filled third copied) and each then computes only its own new tokens.
+    assert engine.stats["prompt_computed_tokens"] == 40
+    assert engine.stats["computed_tokens"] == 40 + 4 * 5
+    assert engine.block_manager.num_free_blocks == 64  # every block, shared or copied, came back
+    # Each sample is what it would be alone (same seed + index): forking changes no token.
+    for i, sample in enumerate(out.outputs):
+        alone = Engine(model, block_size=16, num_blocks=64)
+        one = SamplingParams(n=1, temperature=1.0, seed=i, max_tokens=6, ignore_eos=True)
+        assert sample.token_ids == alone.generate([prompt], one)[0].outputs[0].token_ids
     engine = Engine(model, block_size=16, num_blocks=64)
-    engine.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=1))
-    # The first sample computes the whole prompt; the other three reuse its 2 full blocks (32 tokens).
-    assert engine.stats["computed_tokens"] == 40 + 3 * (40 - 32)
-    engine = Engine(model, block_size=16, num_blocks=64)
-    engine.generate([prompt] * 3, SamplingParams(temperature=0, max_tokens=1))  # repeated prompts too
+    engine.generate([prompt] * 3, SamplingParams(temperature=0, max_tokens=1))  # repeated prompts share full blocks
     assert engine.stats["computed_tokens"] == 40 + 2 * (40 - 32)
+
+
+def test_forks_that_do_not_fit_queue_and_reuse_the_prefix_cache(tiny_model):
+    model = tiny_model("llama")
+    prompt = list(range(10, 50))
+    params = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=6, ignore_eos=True)
+    reference = [c.token_ids for c in Engine(model, block_size=16, num_blocks=64).generate([prompt], params)[0].outputs]
+    engine = Engine(model, block_size=16, num_blocks=64, max_num_seqs=2)  # one fork fits, two queue
+    [out] = engine.generate([prompt], params)
+    assert [c.token_ids for c in out.outputs] == reference
+    assert engine.stats["prompt_computed_tokens"] == 40 + 2 * (40 - 32)
 
 
 def test_seeded_samples_do_not_depend_on_batching(tiny_model):

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 CORPUS = "hello world, the quick brown fox jumps over the lazy dog. "
 
@@ -33,12 +33,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL; stops it afterwards."""
+def running(app, **config: Any) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL; stops it afterwards. ``config``: more
+    uvicorn.Config arguments (e.g. ``lmforge.serve.server.uvicorn_settings(limits)``)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20

@@ -76,6 +76,35 @@ def test_bad_input_is_one_clear_line(workspace, capsys, tmp_path, args, match):
     assert err.startswith("lmforge pretrain: error:") and match in err and "Traceback" not in err
 
 
+def test_resume_keeps_the_override_after_it(workspace, capsys, tmp_path):
+    base = ["pretrain", f"tokenizer={workspace / 'tok'}", MODEL, f"data.train=[{workspace / 'docs'}]",
+            "data.seq_len=32", "batch_size=2", f"out_dir={tmp_path / 'r'}", f"data.cache_dir={tmp_path / 'c'}",
+            "progress=false", "plot=false", "eval_every=0", "save_every=0"]
+    code, _, err = run([*base, "max_steps=2"], capsys)
+    assert code == 0, err
+    code, _, err = run([*base, "--resume", "max_steps=4"], capsys)  # max_steps=4 is an override, not a path
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert ckpt.latest_checkpoint(tmp_path / "r").name == "step-00000004"
+
+
+@pytest.mark.parametrize("argv, resume, overrides", [
+    (["--resume"], True, []),
+    (["--resume", "max_steps=4", "optim.lr=1e-3"], True, ["max_steps=4", "optim.lr=1e-3"]),
+    (["a.yaml", "seed=1", "--resume", "seed=2"], True, ["seed=1", "seed=2"]),  # command-line order kept
+    (["--resume", "seed=2", "seed=1"], True, ["seed=2", "seed=1"]),
+    (["--resume", "runs/a/checkpoints/step-00000002"], "runs/a/checkpoints/step-00000002", []),
+    (["--resume", "./ckpt=v2", "seed=1"], "./ckpt=v2", ["seed=1"]),  # a path with '=' in it, written as ./PATH
+])
+def test_resume_takes_a_path_but_not_an_override(argv, resume, overrides):
+    from lmforge.cli import build_parser
+    from lmforge.train.cli import split_recipe
+
+    for command in ("pretrain", "sft", "dpo"):
+        args = build_parser().parse_args([command, *argv])
+        assert args.resume == resume and split_recipe(args)[1] == overrides
+
+
 def test_sft_bad_role_is_named(workspace, capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")

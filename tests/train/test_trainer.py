@@ -88,6 +88,49 @@ def test_interrupted_save_keeps_previous_latest(tmp_path, monkeypatch):
     assert leftovers == sorted(["latest", before.name]) or set(leftovers) == {"latest", before.name}
 
 
+_KILLED_MID_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+from tests.train.tiny_run import make_trainer
+
+def killed(*a, **k):  # the model is written by now; SIGKILL: no cleanup handler runs, as for an OOM kill
+    os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = make_trainer({run!r}, ["max_steps=4", "save_every=2"])
+trainer.fit(on_step=lambda t, record: record["step"] == 3 and setattr(torch, "save", killed))
+"""
+
+
+def test_save_killed_midway_leaves_nothing_after_resume(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE.format(root=str(ROOT), run=str(run))],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -9, proc.stderr
+    root = run / "checkpoints"
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".step-00000004.") and p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model" / "model.safetensors").is_file()  # a full model copy
+    assert ckpt.latest_checkpoint(run).name == "step-00000002"
+    mine = [root / ".step-notes.tmp", run / ".model.tmp"]  # not names a save makes: left alone
+    for p in mine:
+        p.mkdir()
+    make_trainer(str(run), ["max_steps=4", "save_every=2"]).fit(resume=True)
+    assert not leftovers[0].exists() and all(p.is_dir() for p in mine)
+    assert sorted(p.name for p in root.iterdir()) == sorted([".step-notes.tmp", "latest", "step-00000002",
+                                                             "step-00000004"])
+
+
+def test_checkpoint_moved_aside_by_a_killed_save_is_put_back(tmp_path):
+    make_trainer(str(tmp_path / "r"), ["max_steps=2", "save_every=0"]).fit()
+    root = tmp_path / "r" / "checkpoints"
+    # killed between "move the old step-2 aside" and "rename the new one into place" (io.atomic_directory)
+    os.replace(root / "step-00000002", root / ".step-00000002.old-4242")
+    (root / ".latest.abcd1234.tmp").write_text("step-00000009\n")
+    removed = ckpt.remove_stale_temporaries(tmp_path / "r")
+    assert removed == [root / ".latest.abcd1234.tmp"]
+    assert ckpt.latest_checkpoint(tmp_path / "r").name == "step-00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]
+
+
 def test_corrupt_checkpoint_on_resume(tmp_path):
     make_trainer(str(tmp_path / "r"), ["max_steps=3", "save_every=0"]).fit()
     latest = ckpt.latest_checkpoint(tmp_path / "r")

@@ -1,0 +1,398 @@
+"""LLaVA (``model_type: llava``): a vision tower, a 2-layer MLP projector and any supported decoder.
+
+    features = projector(concat_l hidden_states_l(vision_tower(pixels)) [drop the class token])
+    embeds   = embed_tokens(input_ids) * embedding_multiplier, each image placeholder replaced by one feature row
+    logits   = decoder(inputs_embeds=embeds)
+
+The decoder is our one ``Transformer``: a LLaVA forward is the text model's forward on spliced embeddings, and
+generation prefills those embeddings and then decodes through the text model's own KV cache (``generate``).
+Checkpoints are transformers' ``LlavaForConditionalGeneration`` directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.io import read_json_object
+from lmforge.models.checkpoint import _IGNORED, TensorMap, _TensorSource, read_generation_config, weight_map
+from lmforge.models.config import Config, _is_int
+from lmforge.models.device import pick_device
+from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
+from lmforge.models.vision import (VisionConfig, VisionTransformer, activation_from_hf, activation_to_hf,
+                                   vision_activation, vision_weight_map)
+
+# Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
+# language model's prefix); GPT-2 and OpenELM checkpoints are laid out differently and have no LLaVA variants.
+LLAVA_TEXT_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2")
+FEATURE_SELECT_STRATEGIES = ("default", "full")  # default: drop each image's first token (CLIP's class token)
+
+# Older LLaVA config.json files (transformers 4.x ``to_diff_dict``) keep only the text-config fields that differ
+# from LlamaConfig's defaults, e.g. llava-1.5: {"model_type": "llama", "vocab_size": 32064, ...}.
+_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False)
+_KEEP_EXTRA = {"image_seq_length", "transformers_version", "torch_dtype", "dtype", "ignore_index", "pad_token_id"}
+
+
+@dataclass
+class LlavaConfig:
+    text: Config
+    vision: VisionConfig
+    image_token_id: int = 32000  # the placeholder token each image feature replaces
+    projector_activation: str = "gelu"
+    projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -2  # index into the vision hidden states; a list is concatenated
+    vision_feature_select_strategy: str = "default"
+    # The text config's own final soft-cap (Gemma 2), written back on save: LLaVA's LM head applies none, so the
+    # decoder here runs without it (``text.final_logit_softcap`` is None).
+    text_final_logit_softcap: float | None = None
+    hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    model_type = "llava"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def feature_layers(self) -> list[int]:
+        layers = self.vision_feature_layer
+        return [layers] if isinstance(layers, int) else list(layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image: the vision tokens, less the first under the "default" strategy."""
+        return self.vision.seq_len - (1 if self.vision_feature_select_strategy == "default" else 0)
+
+    # The decoder's fields that generation and save_model read off ``model.config``.
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def bos_token_id(self) -> int | list[int] | None:
+        return self.text.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.text.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"invalid llava config: {msg}")
+
+        need(self.text.model_type in LLAVA_TEXT_MODEL_TYPES,
+             f"text_config model_type {self.text.model_type!r} is not supported in a LLaVA; supported: "
+             f"{', '.join(LLAVA_TEXT_MODEL_TYPES)}")
+        need(_is_int(self.image_token_id) and 0 <= self.image_token_id < self.text.vocab_size,
+             f"image_token_index {self.image_token_id!r} is outside the text vocabulary of {self.text.vocab_size}")
+        layers = self.vision_feature_layer
+        need((_is_int(layers) or (isinstance(layers, list) and layers and all(_is_int(i) for i in layers))),
+             f"vision_feature_layer must be an integer or a non-empty list of them, got {layers!r}")
+        n = self.vision.num_layers + 1  # the embeddings, then one per block
+        bad = [i for i in self.feature_layers if not -n <= i < n]
+        need(not bad, f"vision_feature_layer {bad} out of range: the vision tower has {n} hidden states "
+                      f"(indices {-n}..{n - 1})")
+        need(self.vision_feature_select_strategy in FEATURE_SELECT_STRATEGIES,
+             f"vision_feature_select_strategy must be one of {', '.join(FEATURE_SELECT_STRATEGIES)}, got "
+             f"{self.vision_feature_select_strategy!r}")
+        need(self.text.final_logit_softcap is None, "the decoder of a LLaVA has no final soft-cap")
+
+    def replace(self, **changes: Any) -> "LlavaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "LlavaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        if d.get("model_type") != "llava":
+            raise ConfigError(f"model_type {d.get('model_type')!r} is not llava")
+        text_d = d.get("text_config")
+        if text_d is None:  # transformers' LlavaConfig default
+            text_d = {"model_type": "llama"}
+        if not isinstance(text_d, dict):
+            raise ConfigError("text_config must be a JSON object")
+        if text_d.get("model_type") not in LLAVA_TEXT_MODEL_TYPES:
+            raise ConfigError(f"text_config model_type {text_d.get('model_type')!r} is not supported in a LLaVA; "
+                              f"supported: {', '.join(LLAVA_TEXT_MODEL_TYPES)}")
+        if text_d["model_type"] == "llama":
+            text_d = {**_LLAMA_DEFAULTS, **text_d}
+        try:
+            text = Config.from_hf(text_d)
+        except ConfigError as e:
+            raise ConfigError(f"text_config: {e}") from None
+        if "vision_config" not in d:
+            raise ConfigError("config.json for llava has no vision_config")
+        try:
+            vision = VisionConfig.from_hf(d["vision_config"])
+        except ConfigError as e:
+            raise ConfigError(f"vision_config: {e}") from None
+        if d.get("tie_word_embeddings"):
+            text = text.replace(tie_embeddings=True)
+        layers = d.get("vision_feature_layer", -2)
+        return cls(
+            text=text.replace(final_logit_softcap=None), vision=vision,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+            projector_activation=activation_from_hf(d.get("projector_hidden_act", "gelu"), "projector_hidden_act"),
+            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            vision_feature_layer=list(layers) if isinstance(layers, tuple) else layers,
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            text_final_logit_softcap=text.final_logit_softcap,
+            hf_extra={k: v for k, v in d.items() if k in _KEEP_EXTRA},
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        text = self.text.to_hf()
+        if "architectures" not in self.text.hf_extra:  # a LLaVA's text_config names no causal-LM class
+            text.pop("architectures", None)
+        if self.text.model_type == "gemma2":
+            text["final_logit_softcapping"] = self.text_final_logit_softcap
+        d = dict(self.hf_extra)
+        d.update(model_type="llava", architectures=["LlavaForConditionalGeneration"], text_config=text,
+                 vision_config=self.vision.to_hf(), image_token_index=self.image_token_id,
+                 projector_hidden_act=activation_to_hf(self.projector_activation),
+                 multimodal_projector_bias=self.projector_bias, vision_feature_layer=self.vision_feature_layer,
+                 vision_feature_select_strategy=self.vision_feature_select_strategy,
+                 tie_word_embeddings=self.text.tie_embeddings)
+        d.setdefault("image_seq_length", self.num_image_tokens)
+        return d
+
+
+class Projector(nn.Module):
+    """Vision features -> the decoder's width: linear, activation, linear."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        width = config.vision.hidden_size * len(config.feature_layers)
+        h = config.text.hidden_size
+        self.act = config.projector_activation
+        self.linear_1 = nn.Linear(width, h, bias=config.projector_bias)
+        self.linear_2 = nn.Linear(h, h, bias=config.projector_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(vision_activation(self.act, self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    """``model(input_ids, attention_mask, pixel_values)`` -> logits [B, T, vocab], as transformers' class."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTransformer(config.vision)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = Transformer(config.text)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.language_model.new_cache(batch_size, max_len)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """[images, num_image_tokens, text hidden]: the selected vision hidden states, projected."""
+        hidden = self.vision_tower(pixel_values.to(self.device)).hidden_states
+        chosen = [hidden[i] for i in self.config.feature_layers]
+        if self.config.vision_feature_select_strategy == "default":
+            chosen = [h[:, 1:] for h in chosen]
+        return self.multi_modal_projector(torch.cat(chosen, dim=-1))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+        """The decoder's input embeddings [B, T, hidden]: the tokens' (times the text family's embedding
+        multiplier, Gemma's sqrt(hidden)), with the image placeholders replaced by the images' features in order,
+        row by row. The features are not multiplied: transformers scales inside the embedding module
+        (``Gemma2TextScaledWordEmbedding``), before the splice."""
+        text = self.language_model
+        image_token = self.config.image_token_id
+        placeholders = input_ids == image_token
+        x = text.model.embed_tokens(input_ids)
+        multiplier = text.config.embedding_multiplier
+        if multiplier != 1.0:  # as Transformer.forward does for token ids: the multiplier in the activation dtype
+            x = x * torch.tensor(multiplier, dtype=x.dtype)
+        if pixel_values is None:
+            if bool(placeholders.any()):
+                raise LmforgeError(f"input_ids hold {int(placeholders.sum())} image placeholder tokens (id "
+                                   f"{image_token}) but no pixel_values were given")
+        else:
+            features = self.image_features(pixel_values)
+            images, per_image = features.shape[:2]
+            found = int(placeholders.sum())
+            if found != images * per_image:
+                raise LmforgeError(
+                    f"input_ids hold {found} image placeholder tokens (id {image_token}) for {images} image(s), "
+                    f"which need {per_image} each ({images * per_image} in all); expand each image placeholder "
+                    f"to {per_image} tokens (load_processor does)")
+            x = x.masked_scatter(placeholders[..., None], features.to(x.dtype))
+        return x
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, cache: "KVCache | AttentionStep | None" = None,
+                position_ids: Tensor | None = None, logits_to_keep: int | Tensor = 0, return_hidden: bool = False,
+                inputs_embeds: Tensor | None = None, hooks: dict[str, Hook] | None = None) -> Tensor:
+        """Logits [B, T, vocab]. ``pixel_values`` [images, C, H, W] (``load_processor``'s output) fill the image
+        placeholders of ``input_ids``; the other arguments are ``Transformer.forward``'s (``inputs_embeds`` go to
+        the decoder as they are)."""
+        if pixel_values is not None:
+            if input_ids is None:
+                raise LmforgeError("pixel_values need input_ids (their image placeholders say where the images go)")
+            inputs_embeds, input_ids = self.embed(input_ids, pixel_values), None
+        elif input_ids is not None:  # a text-only call: the decoder embeds the ids itself
+            found = int((input_ids == self.config.image_token_id).sum())
+            if found:
+                raise LmforgeError(f"input_ids hold {found} image placeholder tokens (id "
+                                   f"{self.config.image_token_id}) but no pixel_values were given")
+        return self.language_model(input_ids, attention_mask, cache=cache, position_ids=position_ids,
+                                   logits_to_keep=logits_to_keep, return_hidden=return_hidden,
+                                   inputs_embeds=inputs_embeds, hooks=hooks)
+
+
+def text_decoder(model: nn.Module, pixel_values: Tensor | None = None) -> Transformer:
+    """The ``Transformer`` that decodes for ``model`` (a LLaVA's language model); images for a text-only model
+    are an ``LmforgeError``."""
+    if isinstance(model, LlavaForConditionalGeneration):
+        return model.language_model
+    if pixel_values is not None:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise LmforgeError(f"this is a text-only model ({kind}): it takes no images; images need a vision-language "
+                           "model (model_type llava)")
+    return model
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+# transformers' LlavaForConditionalGeneration names, one spelling per layout it has used; the file's names are
+# rewritten to the hub layout (the first), which is also what we write: every transformers version loads it.
+_HUB_PREFIXES = (
+    (re.compile(r"^model\.language_model\."), "language_model.model."),  # transformers >= 4.52 in memory
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),  # transformers 5 in memory
+)
+
+
+def hub_name(name: str) -> str:
+    for pattern, replacement in _HUB_PREFIXES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def llava_weight_map(config: LlavaConfig) -> list[TensorMap]:
+    """Every tensor of a LLaVA checkpoint (hub names) -> our parameters."""
+    maps = vision_weight_map(config.vision, "vision_tower.vision_model.", "vision_tower.")
+    for name in ("linear_1", "linear_2"):
+        maps.append(TensorMap(f"multi_modal_projector.{name}.weight", (f"multi_modal_projector.{name}.weight",)))
+        if config.projector_bias:
+            maps.append(TensorMap(f"multi_modal_projector.{name}.bias", (f"multi_modal_projector.{name}.bias",)))
+    for tm in weight_map(config.text):  # the decoder's own map, under the language model's prefix
+        hf = "language_model." + tm.hf  # model.* -> language_model.model.*, lm_head.* -> language_model.lm_head.*
+        maps.append(TensorMap(hf, tuple(f"language_model.{o}" for o in tm.ours), tm.transpose))
+    return maps
+
+
+def _config_file(path: str | os.PathLike) -> Path | None:
+    file = Path(path) / "config.json"
+    return file if file.is_file() else None
+
+
+def is_llava_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model directory whose config.json says ``model_type: llava`` (a malformed file is
+    left to the loader to report)."""
+    file = _config_file(path)
+    if file is None:
+        return False
+    try:
+        return json.loads(file.read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_llava_config(path: str | os.PathLike) -> LlavaConfig:
+    file = _config_file(path)
+    if file is None:
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return LlavaConfig.from_hf(read_json_object(file, CheckpointError))
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               quantize: object | None = None) -> LlavaForConditionalGeneration:
+    """A transformers ``LlavaForConditionalGeneration`` directory (any of its key layouts) as our model."""
+    if quantize is not None:
+        raise LmforgeError("quantize is not supported for LLaVA (vision-language) models yet")
+    device = pick_device(device)
+    path = Path(path)
+    config = read_llava_config(path)
+    generation_config = read_generation_config(path)
+    source = _TensorSource(path)
+    names: dict[str, str] = {}
+    for name in source.names():
+        canonical = hub_name(name)
+        if canonical in names:
+            raise CheckpointError(f"{path}: tensors {names[canonical]} and {name} are the same weight in two layouts")
+        names[canonical] = name
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    expected = model.state_dict()
+    state: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for tm in llava_weight_map(config):
+        if tm.hf not in names:
+            raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for llava with a {config.vision.model_type} "
+                                  f"tower of {config.vision.num_layers} layers and a {config.text.model_type} decoder "
+                                  f"of {config.text.num_layers})")
+        tensor = source.get(names[tm.hf])
+        used.add(tm.hf)
+        if tm.transpose:
+            tensor = tensor.t()
+        sizes = [expected[o].shape[0] for o in tm.ours]  # several: fused in the checkpoint (Phi-3's qkv_proj)
+        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
+        if tuple(tensor.shape) != tuple(want):
+            raise CheckpointError(f"{path}: tensor {names[tm.hf]} has shape {list(tensor.shape)}, expected "
+                                  f"{list(want)} from config.json")
+        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
+            state[ours] = part.to(dtype=dtype, device=device).contiguous()
+    text = "language_model."
+    if config.text.tie_embeddings:
+        state[f"{text}lm_head.weight"] = state[f"{text}model.embed_tokens.weight"]
+        used.add("language_model.lm_head.weight")  # a tied checkpoint may still carry the head
+    unexpected = sorted(names[n] for n in set(names) - used if not _IGNORED.match(n))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: unexpected tensors for llava: {', '.join(unexpected[:5])}{more}; is "
+                              "config.json for this checkpoint?")
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.text.tie_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model.eval()
+
+
+__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "LLAVA_TEXT_MODEL_TYPES", "load_llava",
+           "is_llava_directory", "read_llava_config", "llava_weight_map", "text_decoder", "hub_name"]

@@ -1,0 +1,310 @@
+"""Vision encoders as data: one ViT driven by ``VisionConfig`` (CLIP and SigLIP vision towers).
+
+pixels [N, C, H, W] -> patch embedding (a conv with stride = kernel = patch) -> [class token] + learned
+positions -> [pre-norm] -> L pre-LN encoder blocks (LayerNorm, bidirectional MHA with biases, MLP) -> post-norm.
+
+What differs between the families is data: CLIP has a class token, a pre-norm, a bias-free patch conv,
+quick_gelu and pools by post-norming the class token; SigLIP has none of the first three, gelu-tanh,
+post-norms every token and pools with an attention-pooling head ("MAP"). ``hidden_states`` (the embeddings
+and every block's output) are returned for a multimodal model's feature selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.checkpoint import TensorMap
+from lmforge.models.config import _float, _int, _is_int, _is_number
+from lmforge.models.model import activation as decoder_activation
+
+SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu", "silu", "relu")
+# transformers' ``hidden_act`` spellings -> ours
+_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+_ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
+
+# Per family: the structural switches (the sizes come from config.json).
+_ARCHITECTURE: dict[str, dict[str, Any]] = {
+    "clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False, pooling="cls",
+                              defaults=dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, patch_size=32,
+                                            image_size=224)),
+    "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True, pooling="map",
+                                defaults=dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, patch_size=16,
+                                              image_size=224)),
+}
+# Fields of a vision config.json we do not interpret but write back (e.g. CLIP's projection_dim).
+_KEEP_EXTRA = {"projection_dim", "initializer_range", "initializer_factor", "attention_dropout", "dropout",
+               "vocab_size", "torch_dtype", "dtype", "num_image_tokens"}
+
+
+def activation_from_hf(name: Any, key: str) -> str:
+    """A transformers ``hidden_act`` name as ours; ConfigError naming ``key`` and the supported names."""
+    if not isinstance(name, str) or name not in _ACT_FROM_HF:
+        raise ConfigError(f"{key} {name!r} is not supported; supported: {', '.join(_ACT_FROM_HF)}")
+    return _ACT_FROM_HF[name]
+
+
+def activation_to_hf(name: str) -> str:
+    return _ACT_TO_HF.get(name, name)
+
+
+def vision_activation(name: str, x: Tensor) -> Tensor:
+    if name == "quick_gelu":  # CLIP's sigmoid approximation of GELU
+        return x * torch.sigmoid(1.702 * x)
+    return decoder_activation(name, x)
+
+
+@dataclass
+class VisionConfig:
+    model_type: str = "clip_vision_model"  # the HF vision model_type: decides the checkpoint tensor names
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224  # square inputs of this side
+    patch_size: int = 32
+    activation: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True  # a learned token before the patches (CLIP)
+    pre_norm: bool = True  # LayerNorm on the embeddings before the first block (CLIP's "pre_layrnorm")
+    patch_bias: bool = False  # bias on the patch conv (SigLIP)
+    # "cls": post-norm applied to the class token only (CLIP); "map": post-norm on every token, then the
+    # attention-pooling head (SigLIP); "none": post-norm on every token, no pooled output (SigLIP, no head).
+    pooling: str = "cls"
+    hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (a conv with stride = kernel drops a border narrower than a patch)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image in the encoder: the patches, plus the class token where there is one."""
+        return self.num_patches + int(self.class_token)
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"invalid vision config: {msg}")
+
+        need(self.model_type in SUPPORTED_VISION_MODEL_TYPES,
+             f"vision model_type {self.model_type!r} is not supported; supported: "
+             f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_channels", "image_size",
+                     "patch_size"):
+            value = getattr(self, name)
+            need(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(self.hidden_size % self.num_heads == 0,
+             f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_heads}")
+        need(self.patch_size <= self.image_size, f"patch_size={self.patch_size} exceeds image_size={self.image_size}")
+        need(_is_number(self.norm_eps) and self.norm_eps > 0, f"layer_norm_eps must be positive, got {self.norm_eps!r}")
+        need(self.activation in VISION_ACTIVATIONS, f"unsupported activation {self.activation!r}")
+        need(self.pooling in ("cls", "map", "none"), f"pooling must be cls, map or none, got {self.pooling!r}")
+        need(self.pooling != "cls" or self.class_token, "pooling 'cls' needs a class token")
+
+    def replace(self, **changes: Any) -> "VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "VisionConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("vision_config must be a JSON object")
+        model_type = d.get("model_type")
+        if model_type not in _ARCHITECTURE:
+            raise ConfigError(f"vision_config model_type {model_type!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}")
+        arch = _ARCHITECTURE[model_type]
+        d = {**arch["defaults"], **{k: v for k, v in d.items() if v is not None}}
+        pooling = arch["pooling"]
+        if model_type == "siglip_vision_model" and not d.get("vision_use_head", True):
+            pooling = "none"
+        return cls(
+            model_type=model_type, hidden_size=_int(d.get("hidden_size", 768), "hidden_size"),
+            intermediate_size=_int(d.get("intermediate_size", 3072), "intermediate_size"),
+            num_layers=_int(d.get("num_hidden_layers", 12), "num_hidden_layers"),
+            num_heads=_int(d.get("num_attention_heads", 12), "num_attention_heads"),
+            num_channels=_int(d.get("num_channels", 3), "num_channels"),
+            image_size=_int(d["image_size"], "image_size"), patch_size=_int(d["patch_size"], "patch_size"),
+            activation=activation_from_hf(d["hidden_act"], "vision_config hidden_act"),
+            norm_eps=_float(d["layer_norm_eps"], "layer_norm_eps"),
+            class_token=arch["class_token"], pre_norm=arch["pre_norm"], patch_bias=arch["patch_bias"],
+            pooling=pooling, hf_extra={k: v for k, v in d.items() if k in _KEEP_EXTRA},
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = dict(self.hf_extra)
+        d.update(model_type=self.model_type, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                 num_channels=self.num_channels, image_size=self.image_size, patch_size=self.patch_size,
+                 hidden_act=activation_to_hf(self.activation), layer_norm_eps=self.norm_eps)
+        if self.model_type == "siglip_vision_model":
+            d["vision_use_head"] = self.pooling == "map"
+        return d
+
+
+# ---- the encoder ------------------------------------------------------------------------------------
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention over an image's tokens (no mask: every token sees every token)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.n_heads, self.head_dim = config.num_heads, h // config.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.act = config.activation
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(vision_activation(self.act, self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-LN: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = VisionAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class AttentionPooling(nn.Module):
+    """SigLIP's "MAP" head: a learned probe attends over the tokens, then a residual MLP on its output."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        y = self.attention(probe, x, x, need_weights=False)[0]
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
+@dataclass
+class VisionOutput:
+    # L + 1 of [N, seq_len, hidden]: the embeddings (after the pre-norm), then each block's output
+    hidden_states: list[Tensor]
+    last_hidden_state: Tensor  # the last block's output (post-normed where pooling is not "cls")
+    pooled: Tensor | None  # [N, hidden]: the post-normed class token ("cls") or the MAP head's output ("map")
+
+
+class VisionTransformer(nn.Module):
+    """``model(pixel_values [N, C, image_size, image_size])`` -> ``VisionOutput``."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.num_channels, h, kernel_size=config.patch_size, stride=config.patch_size,
+                                     bias=config.patch_bias)
+        self.class_embed = nn.Parameter(torch.zeros(h)) if config.class_token else None
+        self.position_embed = nn.Embedding(config.seq_len, h)
+        self.pre_norm = nn.LayerNorm(h, eps=config.norm_eps) if config.pre_norm else None
+        self.layers = nn.ModuleList(VisionBlock(config) for _ in range(config.num_layers))
+        self.post_norm = nn.LayerNorm(h, eps=config.norm_eps)
+        self.head = AttentionPooling(config) if config.pooling == "map" else None
+
+    def forward(self, pixel_values: Tensor) -> VisionOutput:
+        cfg = self.config
+        want = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise LmforgeError(f"pixel_values has shape {list(pixel_values.shape)}; this vision tower takes "
+                               f"[images, {want[0]}, {want[1]}, {want[2]}] (image_size {cfg.image_size}; the "
+                               "model's image processor resizes images to it)")
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, hidden, grid, grid]
+        x = x.flatten(2).transpose(1, 2)  # [N, patches, hidden], row-major over the grid
+        if self.class_embed is not None:
+            x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self.position_embed.weight
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        hidden_states = [x]
+        for block in self.layers:
+            x = block(x)
+            hidden_states.append(x)
+        if cfg.pooling == "cls":
+            return VisionOutput(hidden_states, x, self.post_norm(x[:, 0]))
+        x = self.post_norm(x)
+        return VisionOutput(hidden_states, x, self.head(x) if self.head is not None else None)
+
+
+def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> list[TensorMap]:
+    """The vision tower's tensors: the HF CLIP/SigLIP vision model's names (under ``hf_prefix``) -> ours."""
+    maps: list[TensorMap] = []
+
+    def add(hf: str, ours: str) -> None:
+        maps.append(TensorMap(hf_prefix + hf, (our_prefix + ours,)))
+
+    def linear(hf: str, ours: str) -> None:  # every linear and LayerNorm here has a bias
+        add(f"{hf}.weight", f"{ours}.weight")
+        add(f"{hf}.bias", f"{ours}.bias")
+
+    add("embeddings.patch_embedding.weight", "patch_embed.weight")
+    if config.patch_bias:
+        add("embeddings.patch_embedding.bias", "patch_embed.bias")
+    if config.class_token:
+        add("embeddings.class_embedding", "class_embed")
+    add("embeddings.position_embedding.weight", "position_embed.weight")
+    if config.pre_norm:
+        linear("pre_layrnorm", "pre_norm")  # sic: CLIP's checkpoint name
+    for i in range(config.num_layers):
+        hf, us = f"encoder.layers.{i}", f"layers.{i}"
+        linear(f"{hf}.layer_norm1", f"{us}.attn_norm")
+        for name, ours in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj")):
+            linear(f"{hf}.self_attn.{name}", f"{us}.attn.{ours}")
+        linear(f"{hf}.layer_norm2", f"{us}.mlp_norm")
+        linear(f"{hf}.mlp.fc1", f"{us}.mlp.fc1")
+        linear(f"{hf}.mlp.fc2", f"{us}.mlp.fc2")
+    linear("post_layernorm", "post_norm")
+    if config.pooling == "map":
+        add("head.probe", "head.probe")
+        add("head.attention.in_proj_weight", "head.attention.in_proj_weight")
+        add("head.attention.in_proj_bias", "head.attention.in_proj_bias")
+        linear("head.attention.out_proj", "head.attention.out_proj")
+        linear("head.layernorm", "head.norm")
+        linear("head.mlp.fc1", "head.mlp.fc1")
+        linear("head.mlp.fc2", "head.mlp.fc2")
+    return maps
+
+
+__all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VisionConfig", "VisionOutput", "VisionTransformer", "activation_from_hf",
+           "activation_to_hf", "vision_activation", "vision_weight_map"]
