@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from lmforge.commands import COMMANDS, DEVICE_FLAG, command
+from lmforge.commands import COMMANDS, DEVICE_FLAG, QUANTIZE_FLAG, command
 from lmforge.errors import LmforgeError
 from lmforge.models.thinking import add_thinking_flags, budget_from_args
 
@@ -45,8 +45,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization of the linears for the CPU low-bit kernels (int4: group 32)")
+    p.add_argument("--quantize", **QUANTIZE_FLAG)
     p.add_argument("--steer", default=None, metavar="PATH",
                    help="steering vector added to the residual stream (.gguf llama.cpp control vector or .safetensors)")
     p.add_argument("--steer-scale", type=float, default=1.0, help="multiplier for --steer's vector (default 1)")

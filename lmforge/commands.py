@@ -14,6 +14,11 @@ Run = Callable[[argparse.Namespace], int]
 
 COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
 
+# The one --quantize flag of the commands that load a model to run it (``lmforge serve`` serves a directory that
+# ``lmforge quantize`` wrote instead).
+QUANTIZE_FLAG: dict = dict(default=None, choices=["int8", "int4"],
+                           help="weight-only quantization of the linears for the CPU low-bit kernels (int4: group 32)")
+
 # The one --device flag of every command that runs a model.
 DEVICE_FLAG: dict = dict(default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu) | cpu | cuda | cuda:N")
 
@@ -31,4 +36,4 @@ def command(name: str, help: str):  # noqa: A002 - argparse's word
     return wrap
 
 
-__all__ = ["COMMANDS", "DEVICE_FLAG", "command"]
+__all__ = ["COMMANDS", "DEVICE_FLAG", "QUANTIZE_FLAG", "command"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmforge.commands import DEVICE_FLAG, command
+from lmforge.commands import DEVICE_FLAG, QUANTIZE_FLAG, command
 from lmforge.models.thinking import add_thinking_flags, budget_from_args
 from lmforge.serve.limits import add_limit_flags, limits_from_args
 
@@ -84,6 +84,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", **QUANTIZE_FLAG)
     add_thinking_flags(p)
 
 
@@ -102,7 +103,7 @@ def chat_cmd(args: argparse.Namespace) -> int:
     if tokenizer.chat_template is None:
         raise LmforgeError(f"{args.model} has no chat template; use `lmforge generate` instead")
     thinking = budget_from_args(args, tokenizer, args.max_new_tokens)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, quantize=args.quantize)
     return chat_loop(model, tokenizer, read=_read_terminal if sys.stdin.isatty() else _read_piped,
                      system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, seed=args.seed, thinking_budget=thinking)
