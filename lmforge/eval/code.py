@@ -172,6 +172,11 @@ try:
     root = cfg["root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    # The private /tmp first: a Python installation (a virtualenv) under the host's /tmp is then bound inside it
+    # rather than hidden by it.
+    os.makedirs(root + "/tmp", mode=0o755)
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          f"size={cfg['tmp_mb']}m,nr_inodes=4096,mode=0700")
     for path in cfg["paths"]:
         place(path, root)
     os.makedirs(root + "/dev", mode=0o755)
@@ -180,9 +185,6 @@ try:
         open(f"{root}/dev/{name}", "w").close()
         mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
     mount(None, root + "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
-    os.makedirs(root + "/tmp", mode=0o755)
-    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-          f"size={cfg['tmp_mb']}m,nr_inodes=4096,mode=0700")
     with open(cfg["solution"], "rb") as src, open(root + "/tmp/solution.py", "wb") as dst:
         dst.write(src.read())
     os.chown(root + "/tmp", cfg["uid"], cfg["uid"])

@@ -283,3 +283,27 @@ def test_without_unshare_it_refuses_unless_told_to_run_unisolated(fresh_probe, m
         results = run_programs([f"{RIGHT}{TESTS}", f"{WRONG}import sys\nsys.exit(0)\n{TESTS}",
                                 "while True:\n    pass\n"], timeout_s=2, workers=1)
     assert [r.status for r in results] == ["passed", "failed", "timeout"]
+
+
+def test_a_python_installation_under_tmp_is_bound_inside_the_private_tmp(tmp_path):
+    """A virtualenv under the host's /tmp (a CI clone, say) stays visible: the sandbox's private /tmp is mounted
+    first and the installation bound inside it, not hidden by it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lmforge
+
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip(f"needs a temporary directory under /tmp, got {tmp_path}")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    script = ("from lmforge.eval.code import run_program\n"
+              "print(run_program('assert sum([1, 2]) == 3', timeout_s=20).status)\n"
+              "print(run_program('assert 1 == 2', timeout_s=20).status)\n")
+    site = [p for p in sys.path if p.endswith("site-packages")]  # torch etc. from the running environment
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lmforge.__file__).parent.parent), *site])}
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["passed", "failed"]
