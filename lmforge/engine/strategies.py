@@ -364,8 +364,8 @@ def _engine_tokenizer(model: Transformer | Engine, tokenizer: Any) -> Any:
 
 def _samples(model: Transformer | Engine, prompt: str | Sequence[int], n: int, params: SamplingParams,
              tokenizer: Any) -> tuple[list[int], str, list[Candidate], TokenUsage]:
-    """n samples of one prompt in one request: the engine computes the prompt's full blocks once and the
-    other samples take them from the prefix cache."""
+    """n samples of one prompt in one request: the engine computes the prompt once and the other samples fork
+    from the first (its KV blocks shared)."""
     if not isinstance(n, int) or n < 1:
         raise LmforgeError(f"n must be a positive integer, got {n!r}")
     tokenizer = _engine_tokenizer(model, tokenizer)
@@ -382,10 +382,7 @@ def self_consistency(model: Transformer | Engine, prompt: str | Sequence[int], n
                      tokenizer: Any = None, extract: str | re.Pattern[str] | Extractor | None = None) -> StrategyResult:
     """Majority vote over the answers of n samples (``extract``: see ``answer_extractor``). ``best`` is the
     first sample giving the winning answer; with no parseable answer at all, the first sample."""
-    extractor = answer_extractor(extract)
-    _, _, candidates, usage = _samples(model, prompt, n, params, tokenizer)
-    for c in candidates:
-        c.answer = extractor(c.text)
+    candidates, usage = _answered(model, prompt, n, params, tokenizer, extract)
     answer, votes = majority_vote([c.answer for c in candidates])
     best = next((c for c in candidates if answer is not None and c.answer == answer), candidates[0])
     return StrategyResult("majority", best, candidates, usage, answer=answer, votes=votes)
@@ -396,12 +393,7 @@ def best_of_n(model: Transformer | Engine, prompt: str | Sequence[int], n: int, 
               extract: str | re.Pattern[str] | Extractor | None = None) -> StrategyResult:
     """The highest-scoring of n samples (ties: the first sampled; if no score is a number, the first sample).
     ``scorer``: a verifier ``fn(prompt_text, completion_text) -> float`` or a ``RewardScorer``."""
-    scorer = as_scorer(scorer, "best-of-n")
-    extractor = answer_extractor(extract)
-    prompt_ids, prompt_text, candidates, usage = _samples(model, prompt, n, params, tokenizer)
-    _score(scorer, prompt_ids, prompt_text, candidates)
-    for c in candidates:
-        c.answer = extractor(c.text)
+    candidates, usage = _answered(model, prompt, n, params, tokenizer, extract, as_scorer(scorer, "best-of-n"))
     i = best_index([c.score for c in candidates])
     best = candidates[0 if i is None else i]
     return StrategyResult("best-of-n", best, candidates, usage, answer=best.answer)
@@ -417,12 +409,8 @@ def weighted_majority(model: Transformer | Engine, prompt: str | Sequence[int], 
     finite score weighs 0. ``best``: the highest-scoring sample with the winning answer."""
     if weighting not in ("exp", "raw"):
         raise LmforgeError(f"weighting must be 'exp' or 'raw', got {weighting!r}")
-    scorer = as_scorer(scorer, "weighted-majority")
-    extractor = answer_extractor(extract)
-    prompt_ids, prompt_text, candidates, usage = _samples(model, prompt, n, params, tokenizer)
-    _score(scorer, prompt_ids, prompt_text, candidates)
-    for c in candidates:
-        c.answer = extractor(c.text)
+    candidates, usage = _answered(model, prompt, n, params, tokenizer, extract,
+                                  as_scorer(scorer, "weighted-majority"))
     scores = [c.score if c.score is not None and math.isfinite(c.score) else None for c in candidates]
     if weighting == "exp":
         top = max((s for s in scores if s is not None), default=0.0)
@@ -438,6 +426,19 @@ def weighted_majority(model: Transformer | Engine, prompt: str | Sequence[int], 
     i = best_index([c.score for c in pool])
     best = pool[0 if i is None else i]
     return StrategyResult("weighted-majority", best, candidates, usage, answer=answer, votes=total)
+
+
+def _answered(model: Transformer | Engine, prompt: str | Sequence[int], n: int, params: SamplingParams,
+              tokenizer: Any, extract: str | re.Pattern[str] | Extractor | None,
+              scorer: Scorer | None = None) -> tuple[list[Candidate], TokenUsage]:
+    """n samples of the prompt, each scored (with a scorer) and with its extracted answer."""
+    extractor = answer_extractor(extract)
+    prompt_ids, prompt_text, candidates, usage = _samples(model, prompt, n, params, tokenizer)
+    if scorer is not None:
+        _score(scorer, prompt_ids, prompt_text, candidates)
+    for c in candidates:
+        c.answer = extractor(c.text)
+    return candidates, usage
 
 
 def _score(scorer: Scorer, prompt_ids: list[int], prompt_text: str, candidates: list[Candidate]) -> None:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from lmforge.commands import command
-from lmforge.quickstart.pretrain_sft import greedy_answers
+from lmforge.quickstart.pretrain_sft import greedy_answers, sft_checkpoint
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -124,10 +124,7 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     run = Path(args.run)
-    summary_path = run / "summary.json"
-    if not summary_path.is_file():
-        raise LmforgeError(f"{summary_path} not found: run `lmforge quickstart --out {run}` first")
-    sft_dir = Path(json.loads(summary_path.read_text())["checkpoint"])
+    sft_dir = sft_checkpoint(run)
     out = Path(args.out) if args.out else run / "align"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - {"grpo", "ppo", "dpo"}

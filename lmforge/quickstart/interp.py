@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.commands import DEVICE_FLAG, command
+from lmforge.quickstart.pretrain_sft import sft_checkpoint
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -324,10 +325,7 @@ def quickstart_interp_cmd(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     run = Path(args.run)
-    summary_path = run / "summary.json"
-    if not summary_path.is_file():
-        raise LmforgeError(f"{summary_path} not found: run `lmforge quickstart --out {run}` first")
-    sft_dir = Path(json.loads(summary_path.read_text())["checkpoint"])
+    sft_dir = sft_checkpoint(run)
     out = Path(args.out) if args.out else run / "interp"
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -61,6 +61,20 @@ def _write_corpus(files: list[Path], path: Path) -> None:
                                 "source": file.name}) + "\n")
 
 
+def sft_checkpoint(run: Path) -> Path:
+    """The SFT checkpoint a finished ``lmforge quickstart`` run names in its summary.json (the later quickstarts
+    start from it)."""
+    from lmforge.errors import LmforgeError
+
+    summary = run / "summary.json"
+    if not summary.is_file():
+        raise LmforgeError(f"{summary} not found: run `lmforge quickstart --out {run}` first")
+    checkpoint = json.loads(summary.read_text()).get("checkpoint")
+    if not checkpoint:
+        raise LmforgeError(f"{summary} names no SFT checkpoint: run `lmforge quickstart --out {run}` again")
+    return Path(checkpoint)
+
+
 def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 16) -> list[str]:
     """Greedy replies to each record's first user turn, cut at EOS."""
     from lmforge.engine import SamplingParams

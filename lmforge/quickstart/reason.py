@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.commands import command
+from lmforge.quickstart.pretrain_sft import sft_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 NS = (1, 2, 4, 8, 16, 32)
@@ -345,7 +346,7 @@ def _start_checkpoint(run: Path, which: str) -> Path:
                            f"run `lmforge quickstart --out {run}` first")
     if which == "pretrained":
         return found[-1]
-    sft = Path(json.loads(summary.read_text()).get("checkpoint", ""))
+    sft = sft_checkpoint(run)
     if not (sft / "config.json").is_file():
         raise LmforgeError(f"{summary} names no SFT checkpoint with a config.json ({sft}); use --base pretrained")
     return sft
