@@ -89,15 +89,15 @@ def generate_cmd(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     thinking = budget_from_args(args, tokenizer, args.max_new_tokens)  # before the model: bad flags fail fast
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, quantize=args.quantize)
-    from lmforge.models.llava import LlavaForConditionalGeneration, text_decoder
+    from lmforge.models.llava import text_decoder
 
     if steering is not None:
         steering.vector.check(text_decoder(model), f"steering vector {args.steer}")
-    pixel_values = None
+    image_inputs: dict = {}
     if images is not None:
-        if not isinstance(model, LlavaForConditionalGeneration):
-            raise LmforgeError(f"--image needs a vision-language model (model_type llava); {args.model} is a "
-                               f"text-only {model.config.model_type} model")
+        if text_decoder(model) is model:
+            raise LmforgeError(f"--image needs a vision-language model (model_type llava or mllama); {args.model} "
+                               f"is a text-only {model.config.model_type} model")
         from lmforge.data.image_processor import load_processor
 
         processor = load_processor(args.model)
@@ -106,7 +106,9 @@ def generate_cmd(args: argparse.Namespace) -> int:
             batch = processor.apply_chat_template([{"role": "user", "content": parts}], images=images)
         else:
             batch = processor(args.prompt, images)
-        ids, pixel_values = batch["input_ids"][0].tolist(), batch["pixel_values"]
+        ids = batch["input_ids"][0].tolist()
+        # pixel_values, and for Mllama its aspect-ratio ids/mask and cross-attention mask
+        image_inputs = {name: value for name, value in batch.items() if name not in ("input_ids", "attention_mask")}
     elif args.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
@@ -132,7 +134,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
     for token in generate_stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  eos_ids=stops, seed=args.seed, steering=steering, thinking_budget=thinking,
-                                 pixel_values=pixel_values):
+                                 **image_inputs):
         tid = int(token[0])
         end = time.perf_counter()
         if steps == 0:

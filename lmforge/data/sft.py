@@ -119,3 +119,33 @@ def pad_collate(items: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[s
         labels[row, :n] = torch.as_tensor(it["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ReplayMixture:
+    """SFT items followed by ``round(len(sft) * fraction / (1 - fraction))`` replay items (pretraining windows,
+    loss on every token), so that ``fraction`` of the mixture is replay. Replay windows are drawn without
+    repetition in a seeded order, cycling through them again only if more are asked for than exist. The
+    trainer's sampler shuffles the whole index space, so replay lands evenly across batches."""
+
+    def __init__(self, sft: Sequence[dict[str, torch.Tensor]], replay: Sequence[dict[str, torch.Tensor]],
+                 fraction: float, seed: int = 0) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise LmforgeError(f"replay fraction must be in [0, 1), got {fraction}")
+        if fraction > 0 and len(replay) == 0:
+            raise LmforgeError("replay was asked for but the replay data holds no windows")
+        self.sft, self.replay = sft, replay
+        count = round(len(sft) * fraction / (1.0 - fraction))
+        g = torch.Generator().manual_seed(seed)
+        rounds = -(-count // len(replay)) if count else 0
+        order = [torch.randperm(len(replay), generator=g) for _ in range(rounds)]
+        self.replay_index: list[int] = torch.cat(order)[:count].tolist() if order else []
+        self.repeats = max(rounds - 1, 0)  # > 0: fewer windows than asked for, some are used more than once
+
+    def __len__(self) -> int:
+        return len(self.sft) + len(self.replay_index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        n = len(self.sft)
+        return self.sft[i] if i < n else self.replay[self.replay_index[i - n]]

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,6 +43,10 @@ def weight_map(config: Config) -> list[TensorMap]:
         from lmforge.models.llava import llava_weight_map  # it imports this module
 
         return llava_weight_map(config)
+    if config.model_type == "mllama":  # a MllamaConfig: tiled vision encoder + projector + cross-attention decoder
+        from lmforge.models.mllama import mllama_weight_map  # it imports this module
+
+        return mllama_weight_map(config)
     maps: list[TensorMap] = []
 
     def add(hf: str, *ours: str, transpose: bool = False) -> None:
@@ -139,6 +143,30 @@ def read_generation_config(path: str | os.PathLike) -> dict | None:
     return read_json_object(file, CheckpointError)
 
 
+def config_model_type(path: str | os.PathLike) -> str | None:
+    """The ``model_type`` of the directory's config.json; None without one (a malformed file is left to the
+    loader to report)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
+def read_model_config(path: str | os.PathLike, from_hf: Callable[[dict[str, Any]], Any]) -> Any:
+    """``from_hf`` of the directory's config.json; a ConfigError names the file."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return from_hf(read_json_object(file, CheckpointError))
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
 def read_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -199,6 +227,49 @@ class _TensorSource:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({e}); the file may be truncated or corrupt") from None
 
 
+def read_mapped_state(path: Path, expected: dict[str, torch.Tensor], maps: Iterable[TensorMap], dtype: torch.dtype,
+                      device: torch.device, kind: str, needed_for: str,
+                      canonical: Callable[[str], str] = lambda name: name,
+                      optional: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The state dict of a model whose parameters ``expected`` (e.g. a meta-device model's ``state_dict()``)
+    come from the checkpoint at ``path`` through ``maps``, for the composite (vision-language) models.
+
+    File names go through ``canonical`` first (one spelling per transformers layout). Each error is a
+    ``CheckpointError`` naming the tensor: one missing (``needed_for`` says what for), a shape other than the
+    config implies, two spellings of one name, or a tensor the maps do not read (``optional`` ones excepted,
+    e.g. the head of a tied checkpoint; ``kind`` names the model family)."""
+    source = _TensorSource(path)
+    names: dict[str, str] = {}
+    for name in source.names():
+        canonical_name = canonical(name)
+        if canonical_name in names:
+            raise CheckpointError(f"{path}: tensors {names[canonical_name]} and {name} are the same weight in two "
+                                  "layouts")
+        names[canonical_name] = name
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set(optional)
+    for tm in maps:
+        if tm.hf not in names:
+            raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for {needed_for})")
+        tensor = source.get(names[tm.hf])
+        used.add(tm.hf)
+        if tm.transpose:
+            tensor = tensor.t()
+        sizes = [expected[o].shape[0] for o in tm.ours]  # several: fused in the checkpoint (Phi-3's qkv_proj)
+        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
+        if tuple(tensor.shape) != tuple(want):
+            raise CheckpointError(f"{path}: tensor {names[tm.hf]} has shape {list(tensor.shape)}, expected "
+                                  f"{list(want)} from config.json")
+        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
+            state[ours] = part.to(dtype=dtype, device=device).contiguous()
+    unexpected = sorted(names[n] for n in set(names) - used if not _IGNORED.match(n))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: unexpected tensors for {kind}: {', '.join(unexpected[:5])}{more}; is "
+                              "config.json for this checkpoint?")
+    return state
+
+
 def _normalise_names(config: Config, names: set[str]) -> dict[str, str]:
     """Map canonical HF names to the names in this file (GPT-2 files may lack 'transformer.')."""
     out = {n: n for n in names}
@@ -242,7 +313,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     ``quantize``: "int8" | "int4" (or a ``lmforge.models.quant.QuantConfig``): weight-only quantization of the
     decoder's linears for the CPU low-bit kernels (``lmforge.models.quant``). A directory ``lmforge quantize``
     wrote loads quantized without it.
-    A LLaVA directory (``model_type: llava``) loads as ``lmforge.models.llava.LlavaForConditionalGeneration``."""
+    A LLaVA directory (``model_type: llava``) loads as ``lmforge.models.llava.LlavaForConditionalGeneration``,
+    a Llama 3.2 Vision one (``model_type: mllama``) as ``lmforge.models.mllama.MllamaForConditionalGeneration``."""
     device = pick_device(device)
     path = Path(path)
     if quantize is not None:  # an unknown value fails before anything is read
@@ -253,10 +325,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         from lmforge.models.gguf import load_gguf_model  # imports this module: loaded on demand
 
         return _quantized(load_gguf_model(path, dtype=dtype, device=device), quantize)
-    from lmforge.models.llava import is_llava_directory, load_llava  # it imports this module
+    multimodal_type = config_model_type(path)
+    if multimodal_type == "llava":  # vision-language: a LlavaForConditionalGeneration
+        from lmforge.models.llava import load_llava  # it imports this module
 
-    if is_llava_directory(path):  # vision-language: a LlavaForConditionalGeneration
         return load_llava(path, dtype=dtype, device=device, quantize=quantize)
+    if multimodal_type == "mllama":  # vision-language with cross-attention: a MllamaForConditionalGeneration
+        from lmforge.models.mllama import load_mllama  # it imports this module
+
+        return load_mllama(path, dtype=dtype, device=device, quantize=quantize)
     config = read_config(path)
     generation_config = read_generation_config(path)
     from lmforge.models.quant import load_quantized, read_quantization_config  # it imports this module
@@ -387,4 +464,4 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
 
 
 __all__ = ["load_model", "save_model", "read_config", "read_generation_config", "weight_map", "hf_state_dict",
-           "atomic_file"]
+           "atomic_file", "config_model_type", "read_model_config", "read_mapped_state"]

@@ -68,6 +68,11 @@ class Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
+    # Llama 3.2 Vision: these layers are cross-attention blocks (the text attends to image tokens) instead of
+    # self-attention ones, and the input embedding holds more ids than the LM head predicts (its image token).
+    cross_attention_layers: list[int] = field(default_factory=list)
+    input_vocab_size: int | None = None  # rows of the input embedding; None: vocab_size
+
     # Fields of the source config.json we do not interpret, written back on save.
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -95,6 +100,14 @@ class Config:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def embedding_rows(self) -> int:
+        """Token ids the input embedding holds (``input_vocab_size``, else ``vocab_size``)."""
+        return self.input_vocab_size or self.vocab_size
+
+    def is_cross_attention(self, layer: int) -> bool:
+        return layer in self.cross_attention_layers
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -141,6 +154,15 @@ class Config:
         if self.num_experts:
             need(0 < self.num_experts_per_tok <= self.num_experts,
                  f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
+        layers = self.cross_attention_layers
+        need(isinstance(layers, list) and all(_is_int(i) and 0 <= i < self.num_layers for i in layers)
+             and len(set(layers)) == len(layers),
+             f"cross_attention_layers must be distinct layer indices in 0..{self.num_layers - 1}, got {layers!r}")
+        need(self.input_vocab_size is None
+             or (_is_int(self.input_vocab_size) and self.input_vocab_size >= self.vocab_size),
+             f"input_vocab_size must be at least vocab_size={self.vocab_size}, got {self.input_vocab_size!r}")
+        need(not (self.tie_embeddings and self.embedding_rows != self.vocab_size),
+             "a tied LM head needs as many input embedding rows as vocabulary entries")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             need(rope_type in SUPPORTED_ROPE_TYPES,
@@ -184,7 +206,7 @@ class Config:
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count from the config alone (matches ``sum(p.numel())`` of the model)."""
         h = self.hidden_size
-        total = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        total = self.embedding_rows * h + (0 if self.tie_embeddings else self.vocab_size * h)
         if self.position_embedding == "learned":
             total += self.max_position_embeddings * h
         norm_params = h * (2 if self.norm == "layernorm" else 1)
@@ -193,7 +215,9 @@ class Config:
             attn = h * (q + 2 * kv) * hd + q * hd * h
             attn += (q + 2 * kv) * hd if self.attention_bias else 0
             attn += h if self.attention_out_bias else 0
-            attn += 2 * hd if self.qk_norm else 0
+            cross = self.is_cross_attention(i)  # q/k norms always, and two scalar gates
+            attn += 2 * hd if (self.qk_norm or cross) else 0
+            attn += 2 if cross else 0
             f = self.ffn_size(i)
             mlp = (3 if self.mlp == "gated" else 2) * h * f + ((2 * f + h if self.mlp == "gated" else f + h) if self.mlp_bias else 0)
             if self.num_experts:
@@ -201,8 +225,35 @@ class Config:
             total += attn + mlp + norm_params * (4 if self.post_norms else 2)
         total += norm_params
         if not include_embeddings:
-            total -= self.vocab_size * h
+            total -= self.embedding_rows * h
         return total
+
+
+class TextConfigView:
+    """For a vision-language config whose ``text`` is its decoder's ``Config``: the decoder's fields that
+    generation and ``save_model`` read off ``model.config``."""
+
+    text: Config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def bos_token_id(self) -> int | list[int] | None:
+        return self.text.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.text.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
 
 
 # ---- typed reads of config.json fields: a wrong type or range names the field, before anything is built ----

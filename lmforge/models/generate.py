@@ -65,7 +65,9 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
                     hooks: Mapping[str, Hook | Sequence[Hook]] | None = None,
                     steering: Steering | None = None,
                     thinking_budget: ThinkingBudget | None = None,
-                    pixel_values: Tensor | None = None) -> Iterator[Tensor]:
+                    pixel_values: Tensor | None = None, aspect_ratio_ids: Tensor | None = None,
+                    aspect_ratio_mask: Tensor | None = None,
+                    cross_attention_mask: Tensor | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row ([B] tensor) per step; stops when all rows hit EOS.
 
     ``eos_ids``: the ids that end a row; None (the default) means the model's own end-of-sequence and
@@ -82,6 +84,9 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
     one per step, exactly as the engine appends them.
     ``pixel_values``: a LLaVA's images (``lmforge.data.image_processor.load_processor``), spliced into the prompt
     at its image placeholders for the prefill; the language model then decodes from its KV cache as for text.
+    A Mllama (Llama 3.2 Vision) takes its processor's ``aspect_ratio_ids``, ``aspect_ratio_mask`` and
+    ``cross_attention_mask`` too: the prefill computes the image keys/values of its cross-attention layers once,
+    the KV cache keeps them, and each new token sees the images as the prompt's last token does.
     """
     multimodal = model
     model = text_decoder(model, pixel_values)  # the Transformer that decodes (a LLaVA's language model)
@@ -117,10 +122,13 @@ def generate_stream(model: Transformer, input_ids: Tensor, attention_mask: Tenso
     cache = model.new_cache(b, cache_len)
     if multimodal is model:
         logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1, hooks=hooks)[:, -1]
-    else:  # the prompt as embeddings, image features spliced in; every later token is a plain id
-        embeds = multimodal.embed(input_ids, pixel_values)
-        logits = model(attention_mask=attention_mask, cache=cache, logits_to_keep=1, inputs_embeds=embeds,
-                       hooks=hooks)[:, -1]
+    else:  # the vision-language model's own forward on the prompt and images; every later token is a plain id
+        image_inputs = {name: value for name, value in (("aspect_ratio_ids", aspect_ratio_ids),
+                                                        ("aspect_ratio_mask", aspect_ratio_mask),
+                                                        ("cross_attention_mask", cross_attention_mask))
+                        if value is not None}
+        logits = multimodal(input_ids, attention_mask, pixel_values=pixel_values, cache=cache, logits_to_keep=1,
+                            hooks=hooks, **image_inputs)[:, -1]
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if budget is not None:

@@ -12,7 +12,6 @@ Checkpoints are transformers' ``LlavaForConditionalGeneration`` directories.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,14 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.io import read_json_object
-from lmforge.models.checkpoint import _IGNORED, TensorMap, _TensorSource, read_generation_config, weight_map
-from lmforge.models.config import Config, _is_int
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.checkpoint import (TensorMap, config_model_type, read_generation_config, read_mapped_state,
+                                       read_model_config, weight_map)
+from lmforge.models.config import Config, TextConfigView, _is_int
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
-from lmforge.models.vision import (VisionConfig, VisionTransformer, activation_from_hf, activation_to_hf,
-                                   vision_activation, vision_weight_map)
+from lmforge.models.vision import (VisionConfig, VisionLanguageModel, VisionTransformer, activation_from_hf,
+                                   activation_to_hf, vision_activation, vision_weight_map)
 
 # Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
 # language model's prefix); GPT-2 and OpenELM checkpoints are laid out differently and have no LLaVA variants.
@@ -45,7 +44,7 @@ _KEEP_EXTRA = {"image_seq_length", "transformers_version", "torch_dtype", "dtype
 
 
 @dataclass
-class LlavaConfig:
+class LlavaConfig(TextConfigView):
     text: Config
     vision: VisionConfig
     image_token_id: int = 32000  # the placeholder token each image feature replaces
@@ -72,27 +71,6 @@ class LlavaConfig:
     def num_image_tokens(self) -> int:
         """Placeholder tokens per image: the vision tokens, less the first under the "default" strategy."""
         return self.vision.seq_len - (1 if self.vision_feature_select_strategy == "default" else 0)
-
-    # The decoder's fields that generation and save_model read off ``model.config``.
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def bos_token_id(self) -> int | list[int] | None:
-        return self.text.bos_token_id
-
-    @property
-    def eos_token_id(self) -> int | list[int] | None:
-        return self.text.eos_token_id
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.text.pad_token_id
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.text.max_position_embeddings
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -191,7 +169,7 @@ class Projector(nn.Module):
         return self.linear_2(vision_activation(self.act, self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(VisionLanguageModel):
     """``model(input_ids, attention_mask, pixel_values)`` -> logits [B, T, vocab], as transformers' class."""
 
     def __init__(self, config: LlavaConfig) -> None:
@@ -200,17 +178,6 @@ class LlavaForConditionalGeneration(nn.Module):
         self.vision_tower = VisionTransformer(config.vision)
         self.multi_modal_projector = Projector(config)
         self.language_model = Transformer(config.text)
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.dtype
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        return self.language_model.new_cache(batch_size, max_len)
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """[images, num_image_tokens, text hidden]: the selected vision hidden states, projected."""
@@ -270,14 +237,15 @@ class LlavaForConditionalGeneration(nn.Module):
 
 
 def text_decoder(model: nn.Module, pixel_values: Tensor | None = None) -> Transformer:
-    """The ``Transformer`` that decodes for ``model`` (a LLaVA's language model); images for a text-only model
-    are an ``LmforgeError``."""
-    if isinstance(model, LlavaForConditionalGeneration):
-        return model.language_model
+    """The ``Transformer`` that decodes for ``model`` (a vision-language model's language model: LLaVA, Mllama);
+    images for a text-only model are an ``LmforgeError``."""
+    decoder = getattr(model, "language_model", None)
+    if isinstance(decoder, Transformer):
+        return decoder
     if pixel_values is not None:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise LmforgeError(f"this is a text-only model ({kind}): it takes no images; images need a vision-language "
-                           "model (model_type llava)")
+                           "model (model_type llava or mllama)")
     return model
 
 
@@ -312,31 +280,14 @@ def llava_weight_map(config: LlavaConfig) -> list[TensorMap]:
     return maps
 
 
-def _config_file(path: str | os.PathLike) -> Path | None:
-    file = Path(path) / "config.json"
-    return file if file.is_file() else None
-
-
 def is_llava_directory(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a model directory whose config.json says ``model_type: llava`` (a malformed file is
     left to the loader to report)."""
-    file = _config_file(path)
-    if file is None:
-        return False
-    try:
-        return json.loads(file.read_text()).get("model_type") == "llava"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return config_model_type(path) == "llava"
 
 
 def read_llava_config(path: str | os.PathLike) -> LlavaConfig:
-    file = _config_file(path)
-    if file is None:
-        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return LlavaConfig.from_hf(read_json_object(file, CheckpointError))
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
+    return read_model_config(path, LlavaConfig.from_hf)
 
 
 def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -348,44 +299,17 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     path = Path(path)
     config = read_llava_config(path)
     generation_config = read_generation_config(path)
-    source = _TensorSource(path)
-    names: dict[str, str] = {}
-    for name in source.names():
-        canonical = hub_name(name)
-        if canonical in names:
-            raise CheckpointError(f"{path}: tensors {names[canonical]} and {name} are the same weight in two layouts")
-        names[canonical] = name
-
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    expected = model.state_dict()
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for tm in llava_weight_map(config):
-        if tm.hf not in names:
-            raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for llava with a {config.vision.model_type} "
-                                  f"tower of {config.vision.num_layers} layers and a {config.text.model_type} decoder "
-                                  f"of {config.text.num_layers})")
-        tensor = source.get(names[tm.hf])
-        used.add(tm.hf)
-        if tm.transpose:
-            tensor = tensor.t()
-        sizes = [expected[o].shape[0] for o in tm.ours]  # several: fused in the checkpoint (Phi-3's qkv_proj)
-        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
-        if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{path}: tensor {names[tm.hf]} has shape {list(tensor.shape)}, expected "
-                                  f"{list(want)} from config.json")
-        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
-            state[ours] = part.to(dtype=dtype, device=device).contiguous()
     text = "language_model."
-    if config.text.tie_embeddings:
+    tied = config.text.tie_embeddings
+    needed_for = (f"llava with a {config.vision.model_type} tower of {config.vision.num_layers} layers and a "
+                  f"{config.text.model_type} decoder of {config.text.num_layers}")
+    state = read_mapped_state(path, model.state_dict(), llava_weight_map(config), dtype, device, kind="llava",
+                              needed_for=needed_for, canonical=hub_name,
+                              optional=[f"{text}lm_head.weight"] if tied else [])  # a tied file may still carry it
+    if tied:
         state[f"{text}lm_head.weight"] = state[f"{text}model.embed_tokens.weight"]
-        used.add("language_model.lm_head.weight")  # a tied checkpoint may still carry the head
-    unexpected = sorted(names[n] for n in set(names) - used if not _IGNORED.match(n))
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{path}: unexpected tensors for llava: {', '.join(unexpected[:5])}{more}; is "
-                              "config.json for this checkpoint?")
     model.load_state_dict(state, strict=True, assign=True)
     if config.text.tie_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
@@ -221,12 +222,16 @@ class KVCache:
     def __init__(self, config: Config, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
         self.max_len, self.length = max_len, 0
-        self.keys = [torch.zeros(batch_size, config.kv_heads(i), max_len, config.head_dim, device=device, dtype=dtype)
+        # A cross-attention layer stores no text keys/values: its image ones live in ``cross_attention``.
+        self.keys = [torch.zeros(batch_size, config.kv_heads(i), 0 if config.is_cross_attention(i) else max_len,
+                                 config.head_dim, device=device, dtype=dtype)
                      for i in range(config.num_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.has_padding = False
+        # What the cross-attention layers of later calls attend to (set by a vision model's prefill).
+        self.cross_attention: CrossAttentionInputs | None = None
 
     def reserve(self, attention_mask: Tensor) -> tuple[int, Tensor]:
         """Claim slots for T new tokens; return (start slot, their positions [B, T])."""
@@ -259,6 +264,35 @@ class KVCache:
             self.length = length
 
 
+def static_cache_of(cache: "KVCache | AttentionStep | None") -> KVCache | None:
+    """The static ``KVCache`` behind ``cache`` (itself, or the cache a ``ContiguousStep``/``SlotStep`` writes to);
+    None without one or for the paged engine's steps."""
+    store = cache if isinstance(cache, KVCache) else getattr(cache, "cache", None)
+    return store if isinstance(store, KVCache) else None
+
+
+@dataclass
+class CrossAttentionInputs:
+    """What the cross-attention layers of one forward pass attend to: Llama 3.2 Vision's image tokens.
+
+    ``states`` [B, N, hidden]: the image tokens, already projected to the decoder's width; each cross-attention
+    layer makes its keys and values from them (and keeps them in ``cached`` when that is a dict, for later calls).
+    None: the layers use the keys and values ``cached`` holds (decoding after a prefill). ``mask`` [B, 1, T or 1,
+    N] bool, True where a text token may attend to an image token (None: everywhere). ``text_rows`` [B, T or 1,
+    1]: 0 for a text token whose mask row was empty, 1 otherwise. As in transformers, such a row attends to every
+    image token instead (an all-masked softmax is NaN) and its cross-attention MLP output is dropped; ``mask``
+    already has those rows opened.
+    """
+
+    states: Tensor | None
+    mask: Tensor | None = None
+    text_rows: Tensor | None = None
+    cached: dict[int, tuple[Tensor, Tensor]] | None = None
+
+    def has_keys(self, layer: int) -> bool:
+        return self.states is not None or (self.cached is not None and layer in self.cached)
+
+
 # ---- hook points ---------------------------------------------------------------------------------
 # Named activations a caller may read or replace, with TransformerLens's names and layouts:
 # ``hooks={name: fn}`` where ``fn(activation, name)`` returns a replacement or None (keep).
@@ -282,16 +316,22 @@ MOE_HOOK_POINTS = ("mlp.hook_router_logits", "mlp.hook_expert_choice")
 # Scores and pattern exist only when attention is computed step by step: hooking either switches that
 # layer from SDPA to the explicit softmax, equal to it up to float rounding.
 EXPLICIT_ATTENTION_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
+# A cross-attention block (Llama 3.2 Vision) has the block points above, with hook_attn_out and hook_mlp_out the
+# gated contributions to the residual stream, and these: queries [B, T, H, D], the image keys/values [B, N, K, D]
+# (only in a call that brings the images; later calls reuse them), per-head outputs [B, T, H, D].
+CROSS_ATTENTION_HOOK_POINTS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 Hook = Callable[[Tensor, str], "Tensor | None"]
 
 
 class ForwardContext:
-    """Per-call state every layer sees: the KV step (``kv.attend``), the hooks, MoE router logits."""
+    """Per-call state every layer sees: the KV step (``kv.attend``), the hooks, MoE router logits, and what
+    cross-attention layers attend to."""
 
     def __init__(self, kv: AttentionStep, hooks: Mapping[str, Hook | Sequence[Hook]] | None,
-                 collect_router_logits: bool) -> None:
+                 collect_router_logits: bool, cross_attention: CrossAttentionInputs | None = None) -> None:
         self.kv, self.hooks = kv, hooks or None
         self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
+        self.cross_attention = cross_attention
 
     def hook(self, name: str, x: Tensor) -> Tensor:
         """``x`` through the hooks registered at ``name`` (none: ``x`` itself, nothing else runs)."""
@@ -513,14 +553,98 @@ class Block(nn.Module):
                 *self.mlp.hook_names.values(), own["hook_mlp_out"], own["hook_resid_post"]]
 
 
+class CrossAttention(nn.Module):
+    """Text queries over image keys/values (Llama 3.2 Vision): no RoPE, no causal mask, RMSNorm on each query
+    and key head, no biases."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.heads(layer), config.kv_heads(layer), d
+        self.scale = config.attention_scale or d ** -0.5
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, config.norm_eps)
+        self.k_norm = RMSNorm(d, config.norm_eps)
+        self.hook_names = {p: f"blocks.{layer}.{p}" for p in CROSS_ATTENTION_HOOK_POINTS}
+
+    def keys_values(self, states: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+        """The image tokens [B, N, hidden] as keys (normed) and values [B, K, N, D]."""
+        b, n, _ = states.shape
+        k = ctx.hook(self.hook_names["attn.hook_k"], self.k_proj(states).view(b, n, self.n_kv, self.head_dim))
+        v = ctx.hook(self.hook_names["attn.hook_v"], self.v_proj(states).view(b, n, self.n_kv, self.head_dim))
+        return self.k_norm(k.transpose(1, 2)), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, cross: CrossAttentionInputs, ctx: ForwardContext, layer: int) -> Tensor:
+        names = self.hook_names
+        b, t, _ = x.shape
+        q = ctx.hook(names["attn.hook_q"], self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_norm(q)
+        if cross.states is not None:
+            k, v = self.keys_values(cross.states, ctx)
+            if cross.cached is not None:  # computed once, at the prefill; decoding steps reuse them
+                cross.cached[layer] = (k, v)
+        else:
+            k, v = cross.cached[layer]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=cross.mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        z = ctx.hook(names["attn.hook_z"], y.transpose(1, 2))  # [B, T, H, D]
+        return self.o_proj(z.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Llama 3.2 Vision's cross-attention layer, in place of a self-attention block at the layers the config
+    lists. Each sub-layer's output is scaled by tanh of a learned scalar gate, zero at initialisation, so a new
+    layer starts as the identity:
+
+        x = x + tanh(attn_gate) * cross_attn(norm(x), image tokens)
+        x = x + tanh(mlp_gate) * text_rows * mlp(norm(x))
+
+    A call without images (and none cached by an earlier call) skips the layer, as transformers does.
+    """
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = make_norm(config)
+        self.cross_attn = CrossAttention(config, layer)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config, config.ffn_size(layer), f"blocks.{layer}.mlp.")
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.hook_names = {p: f"blocks.{layer}.{p}" for p in BLOCK_HOOK_POINTS}
+
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, ctx: ForwardContext) -> Tensor:
+        cross = ctx.cross_attention
+        if cross is None or not cross.has_keys(self.layer):
+            return x
+        names = self.hook_names
+        x = ctx.hook(names["hook_resid_pre"], x)
+        h = self.cross_attn(ctx.norm(self.attn_norm, names["ln1.hook_normalized"], x), cross, ctx, self.layer)
+        x = ctx.hook(names["hook_resid_mid"], x + ctx.hook(names["hook_attn_out"], self.attn_gate.tanh() * h))
+        h = self.mlp(ctx.norm(self.mlp_norm, names["ln2.hook_normalized"], x), ctx)
+        if cross.text_rows is not None:
+            h = cross.text_rows * h
+        return ctx.hook(names["hook_resid_post"], x + ctx.hook(names["hook_mlp_out"], self.mlp_gate.tanh() * h))
+
+    def all_hook_names(self) -> list[str]:
+        own = self.hook_names
+        return [own["hook_resid_pre"], own["ln1.hook_normalized"], *self.cross_attn.hook_names.values(),
+                own["hook_attn_out"], own["hook_resid_mid"], own["ln2.hook_normalized"],
+                *self.mlp.hook_names.values(), own["hook_mlp_out"], own["hook_resid_post"]]
+
+
 # ---- the model -------------------------------------------------------------------------------------
 class Backbone(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.embedding_rows, config.hidden_size)
         self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
                                 if config.position_embedding == "learned" else None)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(CrossAttentionBlock(config, i) if config.is_cross_attention(i) else Block(config, i)
+                                    for i in range(config.num_layers))
         self.norm = make_norm(config)
 
 
@@ -593,16 +717,20 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache: "KVCache | AttentionStep | None" = None, position_ids: Tensor | None = None,
                 logits_to_keep: int | Tensor = 0, return_hidden: bool = False, inputs_embeds: Tensor | None = None,
-                hooks: Mapping[str, Hook | Sequence[Hook]] | None = None) -> Tensor:
+                hooks: Mapping[str, Hook | Sequence[Hook]] | None = None,
+                cross_attention: CrossAttentionInputs | None = None) -> Tensor:
         """Logits [B, T, vocab]: embed -> blocks -> final norm -> LM head (the only path, every caller).
 
         ``input_ids`` [B, T] or ``inputs_embeds`` [B, T, hidden] (e.g. image features spliced in; the
         embedding multiplier is the caller's to apply). ``attention_mask`` [B, T]: 1 for real tokens, 0 for
         padding (left padding for generation). ``cache``: the KV store (see ``KVCache.begin``); with one the
         tokens are appended and attend to everything stored before. ``logits_to_keep``: the last k positions
-        (int) or the positions given by a 1-D index tensor. ``return_hidden``: the final-normed hidden states
-        instead of logits. ``hooks``: {name: fn or [fns]} at the points ``hook_names()`` lists (see
-        ``BLOCK_HOOK_POINTS``); an unknown name is an ``LmforgeError``.
+        (int), the positions given by a 1-D index tensor, or a [B, T] boolean mask (logits [N, vocab] for the
+        N True positions, row-major: training computes the LM head only where a label is). ``return_hidden``:
+        the final-normed hidden states instead of logits. ``hooks``: {name: fn or [fns]} at the points ``hook_names()`` lists (see
+        ``BLOCK_HOOK_POINTS``); an unknown name is an ``LmforgeError``. ``cross_attention``: what the
+        cross-attention layers attend to (Llama 3.2 Vision; None: what the static cache kept at the prefill, or
+        nothing, when those layers are skipped).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -615,7 +743,10 @@ class Transformer(nn.Module):
         step = no_cache_step(attention_mask) if cache is None else cache.begin(attention_mask)
         positions = step.positions if position_ids is None else position_ids
         cfg = self.config
-        ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0)
+        if cross_attention is None and cfg.cross_attention_layers:
+            cache_store = static_cache_of(step)
+            cross_attention = cache_store.cross_attention if cache_store is not None else None
+        ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0, cross_attention=cross_attention)
 
         if inputs_embeds is None:
             x = self.model.embed_tokens(input_ids)
@@ -638,7 +769,7 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, ctx)
         self.last_router_logits = ctx.router_logits
         if isinstance(logits_to_keep, Tensor):
-            x = x[:, logits_to_keep]
+            x = x[logits_to_keep] if logits_to_keep.dtype == torch.bool else x[:, logits_to_keep]
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = ctx.norm(self.model.norm, "ln_final.hook_normalized", x)

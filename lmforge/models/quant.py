@@ -46,8 +46,14 @@ bfloat16 and casts the output back to the input's dtype, so a model loaded in fl
 everywhere else (embeddings, norms, attention, the KV cache, the residual stream); loaded in bfloat16 it runs
 in bfloat16 throughout with no casts. Kernels run on the CPU only.
 
-Quantized models are inference-only: ``train()`` and gradients through a quantized layer raise
-``LmforgeError``.
+Training (QLoRA, ``lmforge.train.lora``): the quantized weights are frozen buffers, never parameters, so nothing
+in a quantized layer trains; adapters train around them. Gradients flow through a quantized layer to its input:
+neither kernel has a derivative (torch 2.13: ``derivative for aten::_weight_int4pack_mm_for_cpu is not
+implemented``, likewise ``_weight_int8pack_mm``), so ``QuantizedLinear.matmul`` is a custom autograd function
+whose backward multiplies the output gradient by the weight dequantized on the fly, in float32 tiles of rows
+(at most ``_DEQUANT_TILE_ELEMENTS`` floats at a time), so no float copy of a weight outlives the backward of
+its layer. The input's rounding to bfloat16 is passed straight through (its derivative is taken as 1).
+``dequantize_model`` turns a quantized model back into a float one (what a merged QLoRA model is saved as).
 
 On disk (``save_quantized``; ``save_model`` delegates here): config.json with a ``quantization_config``
 ``{"quant_method": "lmforge", "format", "group_size", "symmetric", "lm_head"}``, and safetensors under
@@ -61,6 +67,7 @@ int4 with zero points only) and ``<name>.bias`` when it has one; everything else
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -86,6 +93,9 @@ DEFAULT_INT8_KERNEL = "int4x2"  # faster by measurement (module docstring)
 _PACK_ROWS = 64  # the int4 CPU packing interleaves rows in blocks of 64 (a shorter tail block is laid out
 # differently), so output rows are zero-padded to a multiple of 64; every common width already is one
 _TINY = 2.0 ** -100  # the scale of an all-zero row or group: codes 0, dequantized exactly to 0
+# The backward dequantizes a weight in tiles of whole 64-row blocks of about this many float32 values (16 MiB), so
+# a large layer (the LM head) never needs a float copy of its whole weight at once.
+_DEQUANT_TILE_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,29 @@ def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
     return rows.permute(0, 2, 1).reshape(n, k)
 
 
+@functools.cache
+def _check_int4_layout(width: int) -> None:
+    """``_unpack_int4`` inverts this torch's int4 CPU packing at this width (checked once per width and process,
+    on random codes), so codes read back from a packed weight are the ones that were packed."""
+    codes = torch.randint(0, 16, (2 * _PACK_ROWS, width), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32)
+    if not torch.equal(_unpack_int4(_pack_int4(codes), *codes.shape), codes):
+        raise LmforgeError("internal error: this torch's int4 CPU packing differs from the layout lmforge "
+                           "unpacks; cannot read the codes back (please report, with the torch version)")
+
+
+def _pick_kernel(config: QuantConfig, kernel: str | None) -> str:
+    """``kernel`` (default: the format's) if it runs ``config``'s format, else one ``LmforgeError``."""
+    if config.format == "int4":
+        if kernel not in (None, "int4pack"):
+            raise LmforgeError(f"kernel {kernel!r} is not an int4 kernel; int4 runs on 'int4pack'")
+        return "int4pack"
+    kernel = kernel or DEFAULT_INT8_KERNEL
+    if kernel not in INT8_KERNELS:
+        raise LmforgeError(f"kernel {kernel!r} is not an int8 kernel; use one of {', '.join(INT8_KERNELS)}")
+    return kernel
+
+
 def _nibbles(codes4: Tensor) -> Tensor:
     """Portable int4 storage: codes [out, in] in [-8, 7] -> uint8 [out, ceil(in / 2)], even input low."""
     u = (codes4.to(torch.int16) + 8)
@@ -252,6 +285,21 @@ def _largest_group(k: int) -> int:
     return next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if k % g == 0), min(INT4_GROUP_SIZES))
 
 
+class _QuantizedMatmul(torch.autograd.Function):
+    """``x W^T`` through a low-bit kernel, differentiable with respect to ``x`` (the kernels have no derivative)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: "QuantizedLinear") -> Tensor:
+        ctx.layer = layer
+        return layer._kernel_matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        layer = ctx.layer
+        grad_in = layer.input_grad(grad_out.reshape(-1, layer.out_features))
+        return grad_in.reshape(*grad_out.shape[:-1], layer.in_features).to(grad_out.dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """``y = x W^T + b`` with W held as int8 or int4 codes packed for a CPU low-bit matmul kernel.
 
@@ -264,8 +312,15 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, kernel: str) -> None:
         super().__init__()
         self.in_features, self.out_features, self.config, self.kernel = in_features, out_features, config, kernel
-        self.pad_k = 0           # zero inputs appended so the kernel's width is a multiple of its group
-        self.kernel_group = 0    # the group size the kernel is called with
+        # the kernel's width constraints: zero inputs appended (pad_k) so the width is a multiple of its group
+        # (kernel_group, what the int4 kernel is called with), or of 16 for int8pack, whose AVX-512 path reads
+        # the width in blocks of 16 and crashes the process on any other width
+        if kernel == "int8pack":
+            self.kernel_group = 0
+            self.pad_k = _round_up(in_features, 16) - in_features
+        else:
+            self.kernel_group = _largest_group(in_features) if kernel == "int4x2" else config.group_size
+            self.pad_k = _round_up(in_features, self.kernel_group) - in_features
         self.n_padded = _round_up(out_features, _PACK_ROWS)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("kernel_scales", torch.empty(0, dtype=torch.bfloat16))
@@ -289,27 +344,16 @@ class QuantizedLinear(nn.Module):
                    config: QuantConfig, kernel: str | None = None) -> "QuantizedLinear":
         """Pack signed ``codes`` [out, in] and bf16 ``scales``/``zeros`` [out, groups] for the kernel."""
         out, k = codes.shape
-        if config.format == "int4":
-            kernel = kernel or "int4pack"
-            if kernel != "int4pack":
-                raise LmforgeError(f"kernel {kernel!r} is not an int4 kernel; int4 runs on 'int4pack'")
-        else:
-            kernel = kernel or DEFAULT_INT8_KERNEL
-            if kernel not in INT8_KERNELS:
-                raise LmforgeError(f"kernel {kernel!r} is not an int8 kernel; use one of {', '.join(INT8_KERNELS)}")
-        self = cls(k, out, config, kernel)
+        self = cls(k, out, config, _pick_kernel(config, kernel))
+        kernel, group = self.kernel, self.kernel_group
         n_pad = self.n_padded - out
         scales = scales.to(torch.bfloat16)
         if kernel == "int8pack":
-            # its AVX-512 path reads the width in blocks of 16 and crashes the process on any other width
-            self.pad_k = _round_up(k, 16) - k
             self.packed = F.pad(codes.to(torch.int8), (0, self.pad_k)).contiguous()
             self.kernel_scales = scales[:, 0].contiguous()
         elif kernel == "int4x2":
             # q = 16 h + l exactly (h = floor(q / 16) in [-8, 7], l in [0, 15]); the int4 kernel computes
             # (u - 8) * s' + z' per group: h as u = h + 8 with s' = 16 s, z' = 0; l as u = l with s' = s, z' = 8 s.
-            group = _largest_group(k)
-            self.pad_k = _round_up(k, group) - k
             q = F.pad(codes.to(torch.int32), (0, self.pad_k, 0, n_pad))
             high = torch.div(q, 16, rounding_mode="floor")
             low = q - 16 * high
@@ -319,26 +363,53 @@ class QuantizedLinear(nn.Module):
             high_sz = torch.stack((16 * s, torch.zeros_like(s)), dim=-1).expand(groups, -1, -1)
             low_sz = torch.stack((s, 8 * s), dim=-1).expand(groups, -1, -1)
             self.kernel_scales = torch.cat((high_sz, low_sz), dim=0).to(torch.bfloat16).contiguous()
-            self.kernel_group = group
         else:
-            group = config.group_size
-            self.pad_k = _round_up(k, group) - k
             u = F.pad(codes.to(torch.int32) + 8, (0, self.pad_k, 0, n_pad), value=8)  # code 0 in the padding
             self.packed = _pack_int4(u)
             s = F.pad(scales.float(), (0, 0, 0, n_pad), value=1.0)
             z = torch.zeros_like(s) if zeros is None else F.pad(zeros.float(), (0, 0, 0, n_pad))
             # the kernel's layout: [groups, N, (scale, zero)], dequantizing (u - 8) * scale + zero
             self.kernel_scales = torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()
-            self.kernel_group = group
         if bias is not None:
             self.bias = bias.detach().clone()
         return self
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, config: QuantConfig, kernel: str | None = None,
+              bias: bool = False, device: torch.device | str = "meta") -> "QuantizedLinear":
+        """A layer whose buffers have the shapes and dtypes ``from_codes`` gives them, uninitialised (on the meta
+        device by default): the structure that ``load_state_dict(..., assign=True)`` fills with a quantized model's
+        state dict."""
+        self = cls(in_features, out_features, config, _pick_kernel(config, kernel))
+        width = in_features + self.pad_k
+        if self.kernel == "int8pack":
+            self.packed = torch.empty(out_features, width, dtype=torch.int8, device=device)
+            self.kernel_scales = torch.empty(out_features, dtype=torch.bfloat16, device=device)
+        else:
+            nibble_columns = 2 * width if self.kernel == "int4x2" else width  # int4x2: high and low halves
+            self.packed = torch.empty(self.n_padded, nibble_columns // 2, dtype=torch.uint8, device=device)
+            self.kernel_scales = torch.empty(nibble_columns // self.kernel_group, self.n_padded, 2,
+                                             dtype=torch.bfloat16, device=device)
+        if bias:
+            self.bias = torch.empty(out_features, device=device)
+        return self
+
     # -- running --
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise LmforgeError("quantized layers are inference-only: no gradients flow through QuantizedLinear "
-                               "(run under torch.no_grad()/inference_mode, or use the float model to train)")
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x W^T`` (no bias) in ``x``'s dtype, any leading shape; differentiable with respect to ``x`` (module
+        docstring), never with respect to the frozen weight."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantizedMatmul.apply(x, self)
+        return self._kernel_matmul(x)
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise LmforgeError(f"quantized layers run on the CPU only (their low-bit kernels are CPU kernels); the "
+                               f"input is on {x.device}: keep the model and its inputs on the CPU")
         lead = x.shape[:-1]
         a = x.reshape(-1, self.in_features)
         if a.dtype != torch.bfloat16:  # the kernels' activation dtype (their float32 path is 40-80x slower)
@@ -354,43 +425,63 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.kernel_group, self.kernel_scales)
         if self.n_padded != self.out_features and self.kernel != "int8pack":
             y = y[:, :self.out_features]
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    def train(self, mode: bool = True) -> "QuantizedLinear":
-        if mode:
-            raise LmforgeError("this model has quantized linear layers, which are inference-only; train the float "
-                               "model (load it without quantize=) and quantize afterwards")
-        return super().train(False)
+    def input_grad(self, grad_out: Tensor) -> Tensor:
+        """``grad_out @ W`` in float32: the gradient with respect to the input, [M, in], of an output gradient
+        [M, out], with W dequantized on the fly in tiles of rows (module docstring)."""
+        grad_out = grad_out.float()
+        grad_in = grad_out.new_zeros(grad_out.shape[0], self.in_features)
+        for rows, weight in self.dequantized_tiles():
+            grad_in.addmm_(grad_out[:, rows], weight)
+        return grad_in
 
     # -- reading the weights back --
-    def codes(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(signed codes int8 [out, in], scales bf16 [out, groups], zeros bf16 [out, groups] or None), read back
-        from the kernel's packing and checked by packing them again."""
-        n, k = self.out_features, self.in_features
+    def _codes_rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(signed codes int8, scales bf16, zeros bf16 or None) of output rows ``start:stop``, read from the
+        kernel's packing (views where the packing allows); ``start`` is a multiple of 64, the packing's row block."""
+        k = self.in_features
         if self.kernel == "int8pack":
-            return self.packed[:, :k].clone(), self.kernel_scales[:, None].clone(), None
+            return self.packed[start:stop, :k], self.kernel_scales[start:stop, None], None
+        if start % _PACK_ROWS:
+            raise LmforgeError(f"internal error: rows of a packed int4 weight are read from a multiple of "
+                               f"{_PACK_ROWS}, not from {start}")
         width = self.packed.shape[1] * 2
-        u = _unpack_int4(self.packed, self.n_padded, width)
-        if not torch.equal(_pack_int4(u), self.packed):
-            raise LmforgeError("internal error: this torch's int4 CPU packing differs from the layout lmforge "
-                               "unpacks; cannot read the codes back (please report, with the torch version)")
+        _check_int4_layout(width)
+        end = _round_up(stop, _PACK_ROWS)  # whole blocks; within n_padded, itself a multiple of the block
+        u = _unpack_int4(self.packed[start:end], end - start, width)[:stop - start]
         if self.kernel == "int4x2":
             half = width // 2
-            codes = (16 * (u[:n, :k] - 8) + u[:n, half:half + k]).to(torch.int8)
-            return codes, self.kernel_scales[-1, :n, 0][:, None].clone(), None
-        codes = (u[:n, :k] - 8).to(torch.int8)
+            codes = (16 * (u[:, :k] - 8) + u[:, half:half + k]).to(torch.int8)
+            return codes, self.kernel_scales[-1, start:stop, 0][:, None], None
         groups = -(-k // self.kernel_group)
-        scales = self.kernel_scales[:groups, :n, 0].t().contiguous()
-        zeros = None if self.config.symmetric else self.kernel_scales[:groups, :n, 1].t().contiguous()
-        return codes, scales, zeros
+        scales = self.kernel_scales[:groups, start:stop, 0].t()
+        zeros = None if self.config.symmetric else self.kernel_scales[:groups, start:stop, 1].t()
+        return (u[:, :k] - 8).to(torch.int8), scales, zeros
+
+    def codes(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(signed codes int8 [out, in], scales bf16 [out, groups], zeros bf16 [out, groups] or None), read back
+        from the kernel's packing."""
+        return tuple(None if t is None else t.clone(memory_format=torch.contiguous_format)  # type: ignore[return-value]
+                     for t in self._codes_rows(0, self.out_features))
+
+    def dequantized_rows(self, start: int, stop: int) -> Tensor:
+        """Output rows ``start:stop`` of the dequantized weight, float32 [stop - start, in] (``start`` a multiple
+        of 64)."""
+        return dequantize(*self._codes_rows(start, stop), group_size=self.config.group_size)
+
+    def dequantized_tiles(self) -> Iterator[tuple[slice, Tensor]]:
+        """(output rows, their dequantized weight float32 [rows, in]) in tiles of about ``_DEQUANT_TILE_ELEMENTS``
+        values covering the weight: what needs the float weight reads it tile by tile, never whole."""
+        step = max(_PACK_ROWS, _DEQUANT_TILE_ELEMENTS // self.in_features // _PACK_ROWS * _PACK_ROWS)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            yield slice(start, stop), self.dequantized_rows(start, stop)
 
     @property
     def weight(self) -> Tensor:
         """The dequantized weight, float32 [out, in] (computed on each access; forward never uses it)."""
-        return dequantize(*self.codes(), group_size=self.config.group_size)
+        return self.dequantized_rows(0, self.out_features)
 
     def portable(self) -> dict[str, Tensor]:
         """The on-disk tensors (module docstring): ``qweight``, ``scales``, ``zeros`` (if any), ``bias`` (if any)."""
@@ -439,7 +530,7 @@ def quantization_of(model: nn.Module) -> QuantConfig | None:
 
 def _check_cpu(model: nn.Module, what: str) -> None:
     device = next(model.parameters()).device
-    if device.type != "cpu":
+    if device.type not in ("cpu", "meta"):  # meta: a structure to load a state dict into
         raise LmforgeError(f"{what}: the low-bit kernels run on the CPU only; the model is on {device} "
                            "(load it with device='cpu')")
 
@@ -451,6 +542,8 @@ def quantize_model(model: nn.Module, quantize: "str | QuantConfig" = "int8", gro
 
     ``quantize``: "int8" or "int4" (then ``group_size``, ``symmetric``, ``lm_head`` apply) or a ``QuantConfig``.
     ``kernel``: override the int8 kernel ("int4x2", the default, or "int8pack"); for measurements.
+    A model on the meta device gets ``QuantizedLinear.empty`` layers: the structure a quantized model's state dict
+    loads into (``load_state_dict(..., assign=True)``).
     """
     config = quantize if isinstance(quantize, QuantConfig) else QuantConfig.make(
         check_format(quantize), group_size, symmetric, lm_head)
@@ -464,9 +557,36 @@ def quantize_model(model: nn.Module, quantize: "str | QuantConfig" = "int8", gro
         if not isinstance(linear, nn.Linear):
             raise LmforgeError(f"{name} is a {type(linear).__name__}, not a plain nn.Linear (e.g. a LoRA "
                                "adapter): merge adapters into the weights before quantizing")
-        setattr(parent, attr, QuantizedLinear.from_linear(linear, config, kernel))
+        if linear.weight.is_meta:
+            quantized = QuantizedLinear.empty(linear.in_features, linear.out_features, config, kernel,
+                                              bias=linear.bias is not None)
+        else:
+            quantized = QuantizedLinear.from_linear(linear, config, kernel)
+        setattr(parent, attr, quantized)
     model.quantization = config
     return model.eval()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every ``QuantizedLinear`` by an ``nn.Linear`` holding its dequantized weight, in the model's float
+    dtype, and forget the quantization (in place; returns the model): the float model that the quantized one
+    computes, up to the kernels' bfloat16 rounding of activations. It undoes ``quantize_model`` except for the
+    rounding of the weights, and costs what a float model costs."""
+    dtype = model.model.embed_tokens.weight.dtype
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedLinear):
+            continue
+        # Built on meta so the throwaway init costs nothing, then given the real tensors.
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight.to(dtype))
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.to(dtype))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+    if hasattr(model, "quantization"):
+        del model.quantization
+    return model
 
 
 # ---- saving and loading -----------------------------------------------------------------------------------
@@ -654,4 +774,4 @@ _register()
 
 __all__ = ["FORMATS", "INT4_GROUP_SIZES", "QuantConfig", "QuantizedLinear", "quantize_model", "quantize_int8",
            "quantize_int4", "dequantize", "save_quantized", "load_quantized", "read_quantization_config",
-           "quantization_of", "quantized_state_dict", "check_format", "as_config"]
+           "quantization_of", "quantized_state_dict", "check_format", "as_config", "dequantize_model"]

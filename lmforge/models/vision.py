@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models.checkpoint import TensorMap
 from lmforge.models.config import _float, _int, _is_int, _is_number
+from lmforge.models.model import KVCache, Transformer
 from lmforge.models.model import activation as decoder_activation
 
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
@@ -77,10 +78,13 @@ class VisionConfig:
     class_token: bool = True  # a learned token before the patches (CLIP)
     pre_norm: bool = True  # LayerNorm on the embeddings before the first block (CLIP's "pre_layrnorm")
     patch_bias: bool = False  # bias on the patch conv (SigLIP)
+    attention_bias: bool = True  # biases on q/k/v/o (CLIP, SigLIP; Llama 3.2 Vision has none)
     # "cls": post-norm applied to the class token only (CLIP); "map": post-norm on every token, then the
     # attention-pooling head (SigLIP); "none": post-norm on every token, no pooled output (SigLIP, no head).
     pooling: str = "cls"
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    supported_model_types: ClassVar[tuple[str, ...]] = SUPPORTED_VISION_MODEL_TYPES
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,9 +108,9 @@ class VisionConfig:
             if not cond:
                 raise ConfigError(f"invalid vision config: {msg}")
 
-        need(self.model_type in SUPPORTED_VISION_MODEL_TYPES,
+        need(self.model_type in self.supported_model_types,
              f"vision model_type {self.model_type!r} is not supported; supported: "
-             f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}")
+             f"{', '.join(self.supported_model_types)}")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_channels", "image_size",
                      "patch_size"):
             value = getattr(self, name)
@@ -167,13 +171,15 @@ class VisionAttention(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.n_heads, self.head_dim = config.num_heads, h // config.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h, bias=config.attention_bias)
+                                                              for _ in range(4))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` [N, 1, T, T] bool (True = may attend): the tiled encoder's padding (Llama 3.2 Vision)."""
         b, t, _ = x.shape
         q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -189,18 +195,23 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-LN: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-LN: x + attn(norm(x)), then x + mlp(norm(x)). ``gated`` (Llama 3.2 Vision's global layers): each
+    sub-layer's output is scaled by tanh of a learned scalar first."""
 
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, gated: bool = False) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = VisionAttention(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = VisionMLP(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1)) if gated else None
+        self.mlp_gate = nn.Parameter(torch.zeros(1)) if gated else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = self.attn(self.attn_norm(x), mask)
+        x = x + (h if self.attn_gate is None else self.attn_gate.tanh() * h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_gate is None else self.mlp_gate.tanh() * h)
 
 
 class AttentionPooling(nn.Module):
@@ -308,3 +319,21 @@ def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> 
 
 __all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VisionConfig", "VisionOutput", "VisionTransformer", "activation_from_hf",
            "activation_to_hf", "vision_activation", "vision_weight_map"]
+
+
+class VisionLanguageModel(nn.Module):
+    """What the vision-language models (LLaVA, Mllama) share: ``language_model``, the ``Transformer`` that
+    decodes, whose device, dtype and KV cache are the model's."""
+
+    language_model: Transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.language_model.new_cache(batch_size, max_len)

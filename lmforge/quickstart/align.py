@@ -180,6 +180,10 @@ def quickstart_align_cmd(args: argparse.Namespace) -> int:
           + (f"; DPO vs SFT reward-model win rate {results['dpo']['rm_win_rate']:.1%}" if "rm_win_rate" in
              results.get("dpo", {}) else "")
           + f"\ndone in {results['minutes']:.1f} min; summary: {out / 'summary.json'}")
+    from lmforge.quickstart.report import report_card
+
+    report_card(run)  # the run's card now shows this quickstart's headline numbers too
+    print(f"report card of every quickstart on {run}: {run / 'report.md'}")
     return 0
 
 

@@ -368,6 +368,10 @@ def quickstart_interp_cmd(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2))
     print(report)
     print(f"done in {results['minutes']:.1f} min; report: {out / 'report.md'}, summary: {out / 'summary.json'}")
+    from lmforge.quickstart.report import report_card
+
+    report_card(run)  # the run's card now shows this quickstart's headline numbers too
+    print(f"report card of every quickstart on {run}: {run / 'report.md'}")
     return 0
 
 

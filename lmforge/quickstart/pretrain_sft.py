@@ -3,8 +3,11 @@
 1. corpus: the Python standard library's own source (present wherever Python is);
 2. a byte-level BPE tokenizer trained on it;
 3. a small Llama-architecture model pretrained on it, held-out perplexity reported before and after;
-4. SFT on generated arithmetic chats with checkable answers, accuracy reported before and after;
-5. an HF-format checkpoint and the ``lmforge generate`` command to try it.
+4. SFT on generated arithmetic chats with checkable answers, 20% of the mix replayed pretraining text (so the
+   model keeps its language modelling), accuracy reported before and after;
+5. ``lmforge eval`` of both checkpoints, and a report card (RUN/report.md, RUN/report.json): every stage's figure
+   before -> after beside the range several seeds gave (``benchmarks/quickstart_seeds.py``);
+6. an HF-format checkpoint and the ``lmforge generate`` command to try it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-tasks", default="arithmetic_chat,larger,stdlib_heldout", help="built-in eval tasks")
     p.add_argument("--eval-limit", type=int, default=100, help="documents per eval task")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). The figures depend on it: the float summation order "
+                        "changes with the thread count, and with it the training trajectory")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training precision; auto: bf16 autocast where the CPU multiplies bf16 in hardware "
+                        "(AVX512-BF16/AMX), else float32")
+    p.add_argument("--replay", type=float, default=None,
+                   help="share of SFT items that are pretraining windows (default: the SFT recipe's, 0.2); replay "
+                        "keeps the model's language modelling, 0 turns it off")
 
 
 def stdlib_corpus(max_bytes: int) -> list[Path]:
@@ -113,12 +125,21 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
 
     from lmforge.data.synthetic import skill_examples, write_jsonl
     from lmforge.data.tokenizer import train_bpe_tokenizer
+    from lmforge.io import atomic_file
     from lmforge.train.recipe import load_recipe
     from lmforge.train.run import build_trainer
 
     started = time.perf_counter()
     out = Path(args.out)
     data_dir = out / "data"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    precision = args.precision
+    if precision == "auto":
+        from lmforge.train.harness import native_bf16_cpu
+
+        precision = "bf16" if native_bf16_cpu() and not torch.cuda.is_available() else "fp32"
     torch.manual_seed(args.seed)
 
     # 1-2. corpus and tokenizer
@@ -137,10 +158,11 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     pre_cfg = load_recipe(RECIPES / "quickstart_pretrain.yaml", [
         f"out_dir={out / 'pretrain'}", f"tokenizer={out / 'tokenizer'}", f"data.train=[{corpus}]",
         f"data.cache_dir={out / 'token_cache'}", f"max_steps={args.pretrain_steps}", f"seed={args.seed}",
-        f"model.config.vocab_size={tokenizer.vocab_size}",
+        f"model.config.vocab_size={tokenizer.vocab_size}", f"precision={precision}",
     ])
     trainer = build_trainer(pre_cfg)
-    print(f"[3/5] pretraining a {trainer.model.config.num_params() / 1e6:.1f}M-parameter Llama on {trainer.data.describe}")
+    print(f"[3/5] pretraining a {trainer.model.config.num_params() / 1e6:.1f}M-parameter Llama on {trainer.data.describe} "
+          f"({precision}, {threads} thread{'s' * (threads > 1)})")
     result = trainer.fit()
     before = result.initial_val_loss
     print(f"      held-out perplexity: {math.exp(before):.1f} -> {math.exp(result.val_loss):.2f}  "
@@ -156,6 +178,10 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     sft_cfg = load_recipe(RECIPES / "quickstart_sft.yaml", [
         f"out_dir={out / 'sft'}", f"model.path={pretrained}", f"tokenizer={out / 'tokenizer'}",
         f"data.train=[{data_dir / 'skills_train.jsonl'}]", f"max_steps={args.sft_steps}", f"seed={args.seed}",
+        f"precision={precision}", f"data.cache_dir={out / 'token_cache'}",
+        # replay the pretraining run's own training split: same sources, held-out share and seed -> same cache
+        f"data.replay.train=[{corpus}]", f"data.replay.val_fraction={pre_cfg.data.val_fraction}",
+        *([f"data.replay.fraction={args.replay}"] if args.replay is not None else []),
     ])
     sft = build_trainer(sft_cfg)
     print(f"[4/5] SFT on {sft.data.describe}; held-out accuracy before: {acc_before['all']:.1%}")
@@ -173,13 +199,23 @@ def quickstart_cmd(args: argparse.Namespace) -> int:
     write_report(report, out / "eval.json")
     print("      evaluation (lmforge eval), pretrained vs SFT:\n" + markdown_table(report))
 
-    # 6. summary
-    summary = {"corpus_files": len(files), "pretrain_val_ppl_before": math.exp(before),
+    # 6. summary and report card
+    summary = {"corpus_files": len(files), "seed": args.seed, "threads": threads, "precision": precision,
+               "replay_fraction": sft_cfg.data.replay.fraction, "pretrain_val_ppl_before": math.exp(before),
                "pretrain_val_ppl_after": math.exp(result.val_loss), "sft_accuracy_before": acc_before,
                "sft_accuracy_after": acc_after, "checkpoint": str(final),
                "minutes": (time.perf_counter() - started) / 60}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[5/5] done in {summary['minutes']:.1f} min. Checkpoint (HF format): {final}\n"
+    bpb = {name: report["results"][str(path)].get("stdlib_heldout", {}).get("bits_per_byte")
+           for name, path in (("pretrained", pretrained), ("sft", final))}
+    if None not in bpb.values():
+        summary["stdlib_bits_per_byte"] = bpb
+    with atomic_file(out / "summary.json", "w") as f:
+        f.write(json.dumps(summary, indent=2))
+    from lmforge.quickstart.report import report_card
+
+    card = report_card(out)
+    print("\n" + card["markdown"])
+    print(f"[5/5] done in {summary['minutes']:.1f} min. Report card: {out / 'report.md'}. Checkpoint (HF format): {final}\n"
           f"      try it:  lmforge generate --model {final} --chat --prompt 'What number comes after 41?' --max-new-tokens 8\n"
           f"      or:      lmforge generate --model {final} --prompt 'def parse_args(' --max-new-tokens 60 "
           f"--temperature 0.7 --top-p 0.9 --seed 0")

@@ -512,4 +512,8 @@ def quickstart_reason_cmd(args: argparse.Namespace) -> int:
     print(tables)
     print(f"done in {summary['minutes']:.1f} min; {out / 'summary.json'}, {out / 'report.md'}, "
           + ", ".join(str(p) for p in plots))
+    from lmforge.quickstart.report import report_card
+
+    report_card(run)  # the run's card now shows this quickstart's headline numbers too
+    print(f"report card of every quickstart on {run}: {run / 'report.md'}")
     return 0

@@ -67,6 +67,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast trains a small
+    model ~1.5x faster than float32 (measured on the quickstart's pretraining); elsewhere it is emulated, slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def is_fsdp(model: nn.Module) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
@@ -124,13 +131,15 @@ class Harness:
         return self.wrapped
 
     # -- a step --
-    def forward(self, batch: dict[str, torch.Tensor], module: nn.Module | None = None) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor], module: nn.Module | None = None, **kwargs: Any) -> Any:
         """What ``module`` (default: the wrapped, trained one) returns for a padded batch, under the run's
-        autocast. An all-real attention mask is dropped, so such batches take SDPA's causal fast path."""
+        autocast; ``kwargs`` go to the module. An all-real attention mask is dropped, so such batches take
+        SDPA's causal fast path."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
-            return (module or self.wrapped)(ids, attention_mask=None if bool(mask.all()) else mask)
+            return (module or self.wrapped)(ids, attention_mask=None if bool(mask.all()) else mask, **kwargs)
 
     def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
         """For gradient accumulation: no all-reduce of gradients in backward unless ``sync`` (the last micro-batch)."""

@@ -6,6 +6,24 @@ the adapter adds ``lora_A``, ``lora_B`` and, for DoRA, ``lora_magnitude``.
 
 LoRA:  y = W x + b + s * B A dropout(x),                       s = alpha / r
 DoRA:  y = m / ||W + s B A||_row * (W + s B A) x + b          (the norm is detached, DoRA paper sec. 4.3)
+
+QLoRA: over a model quantized by ``lmforge.models.quant`` (``load_model(path, quantize="int4"|"int8")``, or
+``LoraConfig(base_quantization=...)`` to quantize a float model here), ``apply_lora`` wraps each target
+``QuantizedLinear`` in a ``QLoraLinear``: the base stays frozen and quantized, kept as the child ``base_layer``
+(so its tensors are ``<name>.base_layer.packed`` etc.), and the adapter is float32. No float copy of a base
+weight is kept: the base output comes from the low-bit kernel, gradients reach the input through the kernel's
+custom backward (``QuantizedLinear.matmul``), and DoRA's row norms ||W + s B A|| are computed from the weight
+dequantized tile by tile in each forward. Non-target quantized layers stay quantized and pass gradients too.
+
+Saving a QLoRA model: the adapter is PEFT format as for a float base (``save_adapter``; it belongs on the
+*dequantized* base, which is what it was trained against). ``merge_lora`` on a QLoRA model gives the float model
+it computes: each adapter folded into its layer's dequantized weight and every other quantized layer dequantized
+(``lmforge.models.quant.dequantize_model``), so the trainer's ``model/`` directory is a plain float32 checkpoint
+that transformers, ``load_model`` and ``lmforge generate`` load (and ``lmforge quantize`` can quantize again). It
+matches the trained model up to the kernels' bfloat16 rounding of activations. It is *not* the adapter merged into
+the original float checkpoint: that model (``adapter/`` over ``base_model_name_or_path``) differs by the
+quantization error the adapter was trained around. A tied-embedding model whose LM head was quantized is saved
+tied (the trainer re-ties), i.e. with the float embedding as its head.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from torch import Tensor, nn
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.io import atomic_directory, read_json_object
 from lmforge.models.checkpoint import weight_map
+from lmforge.models.quant import QuantConfig, QuantizedLinear, dequantize_model, quantization_of, quantize_model
 
 ALL_LINEAR = "all-linear"
 CONFIG_FILE = "adapter_config.json"
@@ -44,6 +63,10 @@ class LoraConfig:
     # "all-linear" means every Linear except lm_head.
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     use_dora: bool = False
+    # QLoRA: the quantization of the frozen base, None for a float base. apply_lora quantizes a float model to it
+    # before wrapping and fills it in when it wraps an already quantized model, so this config alone rebuilds the
+    # trained structure (the trainer's export applies it to a fresh model on the meta device).
+    base_quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         # Recipes hand over lists, and PEFT allows a bare "all-linear" string.
@@ -65,27 +88,24 @@ class LoraConfig:
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError(f"lora target_modules must be a non-empty list of module names, "
                               f"got {self.target_modules!r}")
+        if self.base_quantization is not None and not isinstance(self.base_quantization, QuantConfig):
+            raise ConfigError(f"lora base_quantization must be a lmforge.models.quant.QuantConfig or None, "
+                              f"got {self.base_quantization!r}")
 
 
 # ---- the layer -----------------------------------------------------------------------------------
 class LoraLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank (optionally DoRA) update."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_dora: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # Take over the base parameters themselves (not copies): same names in state_dict, no extra memory.
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        w = base.weight
+        device, base_dtype = self._hold_base(base)
         # Half-precision bases get float32 adapters (as PEFT does by default): tiny updates survive.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         # PEFT's default init: A like nn.Linear's own init, B = 0 so the wrapped model starts unchanged.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -94,22 +114,42 @@ class LoraLinear(nn.Module):
             # m starts at the row norms of W (B = 0), so DoRA too starts as the identity.
             self.lora_magnitude = nn.Parameter(self._weight_norm())
 
+    # -- the base: what a subclass over another kind of frozen linear replaces --
+    def _hold_base(self, base: nn.Linear) -> tuple[torch.device, torch.dtype]:
+        """Keep the frozen base; returns (device, dtype) for the adapter to follow."""
+        # Take over the base parameters themselves (not copies): same names in state_dict, no extra memory.
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        return base.weight.device, base.weight.dtype
+
+    def _base(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        """W x (+ b)."""
+        return F.linear(x, self.weight.to(x.dtype), self.bias if with_bias else None)
+
+    def _weight_tiles(self) -> Iterator[tuple[slice, Tensor]]:
+        """(output rows, W of those rows) covering W."""
+        yield slice(None), self.weight
+
+    # -- the adapter --
     @property
     def use_dora(self) -> bool:
         return self.lora_magnitude is not None
 
-    def delta_weight(self) -> Tensor:
-        """s * B A, in the adapter dtype."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def delta_weight(self, rows: slice = slice(None)) -> Tensor:
+        """s * B A (of output ``rows``), in the adapter dtype."""
+        return (self.lora_B[rows] @ self.lora_A) * self.scaling
 
     def _weight_norm(self) -> Tensor:
         """||W + s B A|| per output row, detached: DoRA treats it as a constant for the gradient."""
         with torch.no_grad():
-            w = self.weight.to(self.lora_A.dtype) + self.delta_weight()
-            return torch.linalg.vector_norm(w, dim=1)
+            return torch.cat([torch.linalg.vector_norm(w.to(self.lora_A.dtype) + self.delta_weight(rows), dim=1)
+                              for rows, w in self._weight_tiles()])
 
     def forward(self, x: Tensor) -> Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self._base(x)
         xa = x.to(self.lora_A.dtype)
         dropped = self.training and isinstance(self.dropout, nn.Dropout)
         xd = self.dropout(xa) if dropped else xa
@@ -119,21 +159,48 @@ class LoraLinear(nn.Module):
         scale = self.lora_magnitude / self._weight_norm()
         # W x_d: reuse the base output unless dropout changed the input (PEFT does the same).
         if dropped:
-            wx = F.linear(xd, self.weight.to(xd.dtype))
+            wx = self._base(xd, with_bias=False)
         else:
             wx = (result if self.bias is None else result - self.bias).to(xd.dtype)
         # = m/||.|| (W + sBA) x_d + b, written as a correction on top of the base output.
         return result + ((scale - 1) * wx + scale * lora).to(result.dtype)
 
     def merged_weight(self) -> Tensor:
-        w = self.weight.to(self.lora_A.dtype) + self.delta_weight()
+        base = self.weight
+        w = base.to(self.lora_A.dtype) + self.delta_weight()
         if self.lora_magnitude is not None:
             w = w * (self.lora_magnitude / torch.linalg.vector_norm(w, dim=1))[:, None]
-        return w.to(self.weight.dtype)
+        return w.to(base.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dora={self.use_dora}")
+
+
+class QLoraLinear(LoraLinear):
+    """A frozen ``QuantizedLinear`` (kept whole as ``base_layer``) plus a float32 low-rank (optionally DoRA)
+    update: QLoRA (module docstring). ``weight`` dequantizes on each access, as the quantized layer's does."""
+
+    base_layer: QuantizedLinear
+
+    def _hold_base(self, base: QuantizedLinear) -> tuple[torch.device, torch.dtype]:
+        self.base_layer = base  # buffers only: nothing in it can train
+        return base.packed.device, torch.float32
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def _base(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        y = self.base_layer.matmul(x)
+        return y + self.bias if with_bias and self.bias is not None else y
+
+    def _weight_tiles(self) -> Iterator[tuple[slice, Tensor]]:
+        return self.base_layer.dequantized_tiles()
 
 
 # ---- applying, merging ---------------------------------------------------------------------------
@@ -143,8 +210,25 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _is_base_linear(module: nn.Module) -> bool:
+    """A layer adapters can wrap: a plain ``nn.Linear`` (not a subclass with other math) or a quantized one."""
+    return type(module) is nn.Linear or isinstance(module, QuantizedLinear)
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    return [n for n, m in model.named_modules() if _is_base_linear(m)]
+
+
+def _match_base_quantization(model: nn.Module, config: LoraConfig) -> None:
+    """Quantize a float model to ``config.base_quantization``, or record a quantized model's quantization there."""
+    quantized = quantization_of(model)
+    if quantized is None and config.base_quantization is not None:
+        quantize_model(model, config.base_quantization)
+    elif config.base_quantization is None:
+        config.base_quantization = quantized
+    elif quantized != config.base_quantization:
+        raise LmforgeError(f"the model is quantized ({quantized.describe()}) but the LoRA config's base_quantization "
+                           f"is {config.base_quantization.describe()}")
 
 
 def _wrap(model: nn.Module, names: list[str], config: LoraConfig) -> None:
@@ -152,7 +236,8 @@ def _wrap(model: nn.Module, names: list[str], config: LoraConfig) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, attr)
-        setattr(parent, attr, LoraLinear(base, config.r, config.alpha, config.dropout, config.use_dora))
+        layer = QLoraLinear if isinstance(base, QuantizedLinear) else LoraLinear
+        setattr(parent, attr, layer(base, config.r, config.alpha, config.dropout, config.use_dora))
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
@@ -160,10 +245,13 @@ def _wrap(model: nn.Module, names: list[str], config: LoraConfig) -> None:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Wrap the target Linears in place and freeze everything else; returns the wrapped module names."""
+    """Wrap the target Linears in place and freeze everything else; returns the wrapped module names.
+    QLoRA (module docstring): a quantized model's ``QuantizedLinear`` layers are wrapped as ``QLoraLinear``; with
+    ``config.base_quantization`` set a float model is quantized first, else it is set from a quantized model."""
     config.validate()
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise LmforgeError("the model already has LoRA adapters; merge_lora() it first")
+    _match_base_quantization(model, config)
     candidates = _linear_names(model)
     names = [n for n in candidates if _matches(n, config.target_modules)]
     if not names:
@@ -184,7 +272,9 @@ def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight and put a plain ``nn.Linear`` back."""
+    """Fold every adapter into its base weight and put a plain ``nn.Linear`` back. A QLoRA model becomes the
+    float model it computes (module docstring): adapters folded into the dequantized weights, the other quantized
+    layers dequantized."""
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
     for name, m in wrapped:
         with torch.no_grad():
@@ -192,9 +282,14 @@ def merge_lora(model: nn.Module) -> None:
         # Built on meta so the throwaway init costs nothing, then given the real tensors.
         linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(merged, requires_grad=False)
-        linear.bias = m.bias
+        bias = m.bias
+        if bias is not None and not isinstance(bias, nn.Parameter):  # a quantized base's bias is a buffer
+            bias = nn.Parameter(bias, requires_grad=False)
+        linear.bias = bias
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+    if quantization_of(model) is not None:
+        dequantize_model(model)
 
 
 # ---- PEFT names ----------------------------------------------------------------------------------
@@ -340,7 +435,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:
                               f"{', '.join(sorted(unknown)[:3])}{more}")
     if not state:
         raise CheckpointError(f"{file} holds no LoRA tensors")
-    linear = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    linear = {n: m for n, m in model.named_modules() if _is_base_linear(m)}
     not_linear = sorted(set(state) - set(linear))
     if not_linear:
         raise LmforgeError(f"cannot load adapters into {', '.join(not_linear[:3])}: not plain Linear layers "
@@ -360,6 +455,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:
             if tuple(t.shape) != shapes[attr]:
                 raise CheckpointError(f"{file}: {_PEFT_SUFFIX[attr]} of {name} has shape {list(t.shape)}, "
                                       f"expected {list(shapes[attr])} (r={config.r}); wrong base model?")
+    config.base_quantization = quantization_of(model)
     _wrap(model, names, config)
     for name in names:
         layer = model.get_submodule(name)
@@ -381,5 +477,5 @@ def _split_peft_key(key: str) -> tuple[str | None, str]:
     return None, ""
 
 
-__all__ = ["LoraConfig", "LoraLinear", "apply_lora", "lora_parameters", "merge_lora", "save_adapter",
+__all__ = ["LoraConfig", "LoraLinear", "QLoraLinear", "apply_lora", "lora_parameters", "merge_lora", "save_adapter",
            "load_adapter"]

@@ -37,6 +37,20 @@ class ModelSpec:
     path: str | None = None  # an HF directory to start from
     config: dict[str, Any] | None = None  # or an HF-style config.json dict to build a fresh model from
     init_std: float = 0.02
+    # QLoRA: a frozen base with weight-only int4/int8 linears (lmforge.models.quant; CPU kernels); needs lora.enabled
+    quantize: None | Literal["int4", "int8"] = None  # None first: a bad value is reported against the formats
+
+
+@dataclass
+class ReplaySpec:
+    """Pretraining text mixed into SFT so the model keeps its language modelling (replay against forgetting)."""
+
+    train: list[str] = field(default_factory=list)  # pretraining sources (as data.train of a pretrain recipe)
+    fraction: float = 0.0  # share of the training items that are replay windows (0: no replay)
+    seq_len: int | None = None  # tokens per replay window; default data.seq_len
+    # Documents held out of replay: set it (and seed) as in the pretraining recipe to replay only that run's
+    # training split and share its token cache.
+    val_fraction: float = 0.0
 
 
 @dataclass
@@ -51,6 +65,7 @@ class DataSpec:
     max_docs: int | None = None  # cap on documents read (quick experiments)
     truncate: bool = True  # SFT: truncate conversations longer than seq_len (counted) instead of failing
     errors: str = "strict"  # text files that are not UTF-8: "strict" (error naming file and offset) | "replace"
+    replay: ReplaySpec = field(default_factory=ReplaySpec)  # SFT only
 
 
 @dataclass
@@ -123,6 +138,14 @@ class TrainConfig(RunSpec):
         need(bool(self.data.train), "data.train", "must list at least one file or directory")
         need(self.data.seq_len > 1, "data.seq_len", f"must be > 1, got {self.data.seq_len}")
         need(0 <= self.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+        need(0 <= self.data.replay.fraction < 1, "data.replay.fraction", "must be in [0, 1)")
+        need(0 <= self.data.replay.val_fraction < 1, "data.replay.val_fraction", "must be in [0, 1)")
+        need(self.data.replay.fraction == 0 or bool(self.data.replay.train), "data.replay.train",
+             "must list pretraining sources when data.replay.fraction > 0")
+        need(self.data.replay.fraction == 0 or self.task == "sft", "data.replay",
+             f"mixes pretraining text into SFT; task {self.task!r} does not take it")
+        need(self.data.replay.seq_len is None or 1 < self.data.replay.seq_len <= self.data.seq_len,
+             "data.replay.seq_len", f"must be in 2..data.seq_len ({self.data.seq_len})")
         need(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         need(self.grad_accum > 0, "grad_accum", f"must be positive, got {self.grad_accum}")
         need(self.max_steps > 0, "max_steps", f"must be positive, got {self.max_steps}")

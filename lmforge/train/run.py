@@ -20,8 +20,15 @@ from lmforge.train.trainer import Data, Trainer
 def build_model(cfg: TrainConfig, tokenizer=None) -> Transformer:
     from lmforge.models.checkpoint import load_model
 
+    if cfg.model.quantize and not cfg.lora.enabled:
+        raise ConfigError(f"recipe field 'model.quantize' ({cfg.model.quantize}) needs lora.enabled: true (QLoRA): "
+                          "nothing in a quantized base is trainable, only adapters over it")
+    if cfg.model.quantize and pick_device(cfg.device).type != "cpu":
+        raise ConfigError(f"recipe field 'model.quantize' ({cfg.model.quantize}): the low-bit kernels are CPU "
+                          f"kernels; train QLoRA with device: cpu (device {cfg.device!r} resolves to "
+                          f"{pick_device(cfg.device)})")
     if cfg.model.path:
-        return load_model(cfg.model.path, dtype=torch.float32)
+        return load_model(cfg.model.path, dtype=torch.float32, quantize=cfg.model.quantize)
     hf = dict(cfg.model.config or {})
     if tokenizer is not None:
         # A fresh model takes its special ids from the tokenizer; a chat template's end-of-turn token also
@@ -35,7 +42,12 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> Transformer:
         hf.setdefault("pad_token_id", tokenizer.pad_id)
     config = Config.from_hf(hf)
     torch.manual_seed(cfg.seed)
-    return Transformer(config).init_weights(std=cfg.model.init_std, seed=cfg.seed)
+    model = Transformer(config).init_weights(std=cfg.model.init_std, seed=cfg.seed)
+    if cfg.model.quantize:
+        from lmforge.models.quant import quantize_model
+
+        quantize_model(model, cfg.model.quantize)
+    return model
 
 
 # ---- tasks: what a recipe's ``task`` trains on, and with which trainer ----------------------------------
@@ -49,23 +61,31 @@ def register_task(name: str, data: DataFn, trainer: Callable[..., Trainer] = Tra
     TASKS[name] = (data, trainer)
 
 
-def _pretrain_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
-    from lmforge.data.pretrain import PackedDataset, build_token_cache
+def _token_caches(cfg: TrainConfig, tokenizer, procs: Dist, paths: list[str], val_fraction: float,
+                  val_paths: list[str] = ()):
+    """The token caches of ``paths`` (see ``build_token_cache``): rank 0 tokenizes, the others wait, then find
+    the finished cache."""
+    from lmforge.data.pretrain import build_token_cache
 
     cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir).parent / "token_cache")
 
     def caches_():
-        return build_token_cache(cfg.data.train, tokenizer, cache_dir, val_paths=cfg.data.val,
-                                 val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                                 glob=cfg.data.glob, max_docs=cfg.data.max_docs, seed=cfg.seed,
-                                 errors=cfg.data.errors)
+        return build_token_cache(paths, tokenizer, cache_dir, val_paths=val_paths, val_fraction=val_fraction,
+                                 text_field=cfg.data.text_field, glob=cfg.data.glob, max_docs=cfg.data.max_docs,
+                                 seed=cfg.seed, errors=cfg.data.errors)
 
-    # Rank 0 tokenizes; the others wait, then find the finished cache.
     if procs.main:
         caches = caches_()
     procs.barrier()
     if not procs.main:
         caches = caches_()
+    return caches
+
+
+def _pretrain_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
+    from lmforge.data.pretrain import PackedDataset
+
+    caches = _token_caches(cfg, tokenizer, procs, cfg.data.train, cfg.data.val_fraction, cfg.data.val)
     train = PackedDataset(caches.train, cfg.data.seq_len)
     val = PackedDataset(caches.val, cfg.data.seq_len) if caches.val is not None else None
     return train, val, f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
@@ -85,7 +105,18 @@ def _sft_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
     desc = f"{len(train):,} conversations (loss on assistant tokens only"
     if train.truncated or train.dropped:
         desc += f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
-    return train, val, desc + ")"
+    desc += ")"
+    replay = cfg.data.replay
+    if replay.fraction > 0:
+        from lmforge.data.pretrain import PackedDataset
+        from lmforge.data.sft import ReplayMixture
+
+        caches = _token_caches(cfg, tokenizer, procs, replay.train, replay.val_fraction)
+        seq_len = replay.seq_len or cfg.data.seq_len
+        train = ReplayMixture(train, PackedDataset(caches.train, seq_len), replay.fraction, seed=cfg.seed)
+        desc += (f" + {len(train.replay_index):,} replay windows of {seq_len} pretraining tokens "
+                 f"({replay.fraction:.0%} of the mix{f', windows repeated up to {train.repeats + 1}x' if train.repeats else ''})")
+    return train, val, desc
 
 
 register_task("pretrain", _pretrain_data)
@@ -116,6 +147,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
         lora = LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                           target_modules=tuple(cfg.lora.target_modules), use_dora=cfg.lora.use_dora)
+        torch.manual_seed(cfg.seed)  # the adapters' initial values follow the recipe's seed, loaded base or not
         apply_lora(model, lora)
     teacher = None
     if cfg.distill.teacher:

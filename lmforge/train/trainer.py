@@ -46,8 +46,16 @@ class Objective:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
+    def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments of the model's forward for this batch (e.g. which logits to compute)."""
+        return {}
+
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+# The share of labelled positions below which the LM head runs on those positions only.
+SPARSE_LOGITS_BELOW = 0.75
 
 
 class LanguageModeling(Objective):
@@ -58,8 +66,16 @@ class LanguageModeling(Objective):
     def __init__(self, temperature: float = 2.0, kd_weight: float = 0.5) -> None:
         self.temperature, self.kd_weight = temperature, kd_weight
 
+    def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        # Where most positions carry no loss (SFT: only the assistant's tokens), the LM head and the softmax
+        # run only at the labelled positions: logits [N, vocab] instead of [B, T, vocab].
+        labelled = batch["labels"] != IGNORE_INDEX
+        return {"logits_to_keep": labelled} if labelled.float().mean() < SPARSE_LOGITS_BELOW else {}
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"].to(logits.device)
+        if logits.dim() == 2:  # computed at the labelled positions only (forward_kwargs)
+            labels = labels[labels != IGNORE_INDEX]
         if "teacher_logits" in batch:
             return distillation_loss(logits, batch["teacher_logits"], labels, self.temperature, self.kd_weight)
         return token_cross_entropy(logits, labels)
@@ -120,7 +136,7 @@ class Trainer:
     # -- one step --
     def forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> Any:
         """Outputs of ``model`` (default: the trained model) on a padded batch, under the run's autocast."""
-        return self.harness.forward(batch, model)
+        return self.harness.forward(batch, model, **self.objective.forward_kwargs(batch))
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         outputs = self.forward(batch)

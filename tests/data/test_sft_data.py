@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.sft import IGNORE_INDEX, SequenceTooLong, SFTDataset, encode_conversation, pad_collate, read_chat_jsonl
+from lmforge.data.sft import (IGNORE_INDEX, ReplayMixture, SequenceTooLong, SFTDataset, encode_conversation, pad_collate,
+                              read_chat_jsonl)
 from lmforge.errors import LmforgeError
 from lmforge.train.objectives import token_cross_entropy
 
@@ -139,3 +140,23 @@ def test_real_bpe_tokenizer_supervises_only_the_answers():
     assert item["input_ids"].tolist() == full[:-1]
     targets = [t for t in item["labels"].tolist() if t != IGNORE_INDEX]
     assert tok.decode(targets, skip_special_tokens=False) == "2 + 3 = 5<|im_end|>4 + 4 = 8<|im_end|>"
+
+
+def test_replay_mixture_has_the_asked_share_without_repeats_until_exhausted():
+    sft = [{"input_ids": torch.tensor([i]), "labels": torch.tensor([IGNORE_INDEX])} for i in range(30)]
+    windows = [{"input_ids": torch.tensor([100 + i]), "labels": torch.tensor([i])} for i in range(50)]
+    mix = ReplayMixture(sft, windows, fraction=0.25, seed=3)
+    assert len(mix) == 40 and len(mix.replay_index) == 10 and mix.repeats == 0
+    assert [mix[i] for i in range(30)] == sft  # conversations first, unchanged
+    replayed = [int(mix[i]["input_ids"]) - 100 for i in range(30, 40)]
+    assert len(set(replayed)) == 10 and replayed != list(range(10))  # distinct, in a seeded order
+    assert replayed == [int(ReplayMixture(sft, windows, 0.25, seed=3)[i]["input_ids"]) - 100 for i in range(30, 40)]
+    many = ReplayMixture(sft, windows[:4], fraction=0.5, seed=0)  # 30 asked, 4 exist: each used 7 or 8 times
+    assert len(many.replay_index) == 30 and many.repeats == 7 and sorted(set(many.replay_index)) == [0, 1, 2, 3]
+    assert len(ReplayMixture(sft, windows, fraction=0.0)) == 30
+    with pytest.raises(IndexError):
+        mix[40]
+    with pytest.raises(LmforgeError, match="must be in"):
+        ReplayMixture(sft, windows, fraction=1.0)
+    with pytest.raises(LmforgeError, match="holds no windows"):
+        ReplayMixture(sft, [], fraction=0.1)

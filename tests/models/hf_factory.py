@@ -71,3 +71,20 @@ def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 20) -> tuple[
         mask[row, :pad] = 0
         ids[row, :pad] = 0
     return ids, mask
+
+
+def write_word_tokenizer(path: Path, words: list[str], vocab_size: int, image_token: str, template: str) -> None:
+    """A word-level tokenizer.json + tokenizer_config.json for the vision-language tests: ``words`` first, fillers
+    up to ``vocab_size``, then ``image_token``; <s>/</s>/<pad> specials; ``template`` as the chat template."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), vocab_size)] + [image_token])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([image_token, "<pad>", "<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": template,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))

@@ -14,7 +14,7 @@ from lmforge.models import generate
 from lmforge.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from lmforge.models.vision import VisionConfig
 
-from .hf_factory import build_hf_model
+from .hf_factory import build_hf_model, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL")
@@ -312,19 +312,10 @@ def test_image_processor_matches_transformers(kind, tmp_path):
 
 
 def write_tokenizer(path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     words = ["[UNK]", "<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", "what", "is", "this", "?", "hi"]
-    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), IMAGE_TOKEN)] + ["<image>"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<image>", "<pad>", "<s>", "</s>"])
-    tok.save(str(path / "tokenizer.json"))
     template = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": template,
-         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    write_word_tokenizer(path, words, IMAGE_TOKEN, "<image>", template)
 
 
 @pytest.fixture(scope="module")
@@ -433,4 +424,4 @@ def test_cli_image_to_text_only_model(tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "<image> hi", "--image",
                str(tmp_path / "cat.png")])
     assert rc == 2
-    assert "--image needs a vision-language model (model_type llava)" in capsys.readouterr().err
+    assert "--image needs a vision-language model (model_type llava or mllama)" in capsys.readouterr().err

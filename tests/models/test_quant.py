@@ -141,12 +141,14 @@ def test_quantized_linear_matches_dequantized_float_matmul(name, kernel, shape):
     assert (zeros is None) == (len(expected) == 2 or expected[2] is None)
 
 
-def test_quantized_linear_is_inference_only():
+def test_quantized_linear_passes_gradients_to_its_input_only():
+    """The kernels have no derivative: a custom backward multiplies by the dequantized weight (QLoRA trains
+    adapters through it); the codes are buffers, so nothing in the layer itself trains."""
     q = QuantizedLinear.from_linear(torch.nn.Linear(64, 64), CONFIGS["int8"])
-    with pytest.raises(LmforgeError, match="inference-only"):
-        q(torch.randn(1, 64, requires_grad=True))
-    with pytest.raises(LmforgeError, match="inference-only"):
-        q.train()
+    x = torch.randn(1, 64, requires_grad=True)
+    q.train()(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(1, 64) @ q.weight)
+    assert not list(q.parameters())
 
 
 # ---- whole models ----------------------------------------------------------------------------------------------
@@ -278,10 +280,10 @@ def test_quantized_directory_refuses_requantizing_and_other_methods(llama_dir, t
         load_model(tmp_path / "q8")
 
 
-def test_training_a_quantized_model_is_refused(llama_dir):
-    model = load_model(llama_dir, quantize="int4")
-    with pytest.raises(LmforgeError, match="inference-only"):
-        model.train()
+def test_a_quantized_models_linears_hold_no_parameters(llama_dir):
+    model = load_model(llama_dir, quantize="int4").train()  # train mode is allowed: QLoRA trains adapters over it
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert quantized and not any(name.rsplit(".", 1)[0] in quantized for name, _ in model.named_parameters())
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ def test_yaml_and_overrides(tmp_path):
     ("model: [1, 2\n", [], "not valid YAML"),
     ("- a\n- b\n", [], "must be a mapping"),
     ("data: {train: [x]}\n", [], "recipe field 'model' needs"),
+    (BASE, ["task=sft", "data.replay.fraction=0.2"], "'data.replay.train' must list pretraining sources"),
+    (BASE, ["task=sft", "data.replay.train=[x]", "data.replay.fraction=1.0"], "'data.replay.fraction' must be in"),
+    (BASE, ["data.replay.train=[x]", "data.replay.fraction=0.2"], "'data.replay' mixes pretraining text into SFT"),
+    (BASE, ["task=sft", "data.replay.train=[x]", "data.replay.fraction=0.2", "data.replay.seq_len=100000"],
+     "'data.replay.seq_len' must be in 2..data.seq_len"),
 ])
 def test_malformed_recipes_name_the_field(tmp_path, text, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -62,6 +62,34 @@ def test_pretrain_then_lora_sft(workspace, capsys, tmp_path):
         assert (adapted(ids).logits - merged(ids).logits).abs().max() < 1e-4
 
 
+def test_sft_with_replay_mixes_pretraining_windows(workspace, capsys, tmp_path):
+    """data.replay: a share of pretraining windows (loss on every token) beside the conversations, from the
+    pretraining run's own token cache (same sources, split and seed: nothing re-tokenized)."""
+    from lmforge.data.sft import IGNORE_INDEX, ReplayMixture
+    from lmforge.train.recipe import load_recipe
+    from lmforge.train.run import build_trainer
+
+    code, _, err = run(["pretrain", f"tokenizer={workspace / 'tok'}", MODEL, f"data.train=[{workspace / 'docs'}]",
+                        "data.seq_len=32", "batch_size=4", "max_steps=1", f"out_dir={tmp_path / 'pre'}",
+                        f"data.cache_dir={tmp_path / 'cache'}", "progress=false", "data.val_fraction=0.25"], capsys)
+    assert code == 0, err
+    cached = sorted((tmp_path / "cache").iterdir())
+    cfg = load_recipe(None, ["task=sft", f"model.path={ckpt.latest_checkpoint(tmp_path / 'pre') / 'model'}",
+                             f"tokenizer={workspace / 'tok'}", f"data.train=[{workspace / 'chats.jsonl'}]",
+                             "data.seq_len=48", "data.val_fraction=0", f"out_dir={tmp_path / 'sft'}",
+                             f"data.cache_dir={tmp_path / 'cache'}", "data.replay.fraction=0.25",
+                             f"data.replay.train=[{workspace / 'docs'}]", "data.replay.val_fraction=0.25",
+                             "data.replay.seq_len=16", "max_steps=2", "batch_size=4", "progress=false"])
+    trainer = build_trainer(cfg)
+    assert sorted((tmp_path / "cache").iterdir()) == cached  # the pretraining cache, reused
+    mix = trainer.data.train
+    assert isinstance(mix, ReplayMixture) and len(mix.replay_index) == round(len(mix.sft) / 3)
+    assert "replay windows of 16 pretraining tokens (25% of the mix" in trainer.data.describe
+    replayed = mix[len(mix) - 1]
+    assert len(replayed["input_ids"]) == 16 and (replayed["labels"] != IGNORE_INDEX).all()
+    assert trainer.fit().steps == 2
+
+
 @pytest.mark.parametrize("args, match", [
     (["data.train=[/nonexistent/corpus.txt]"], "data file /nonexistent/corpus.txt does not exist"),
     (["optim.lr=fast"], "'optim.lr' must be float"),

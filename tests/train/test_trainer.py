@@ -185,3 +185,34 @@ def test_distillation_objective_is_wired(tmp_path):
     student = make_trainer(str(tmp_path / "kd"), ["max_steps=1", "save_every=0", "distill.kd_weight=0.25"], ragged=True)
     student.teacher = copy.deepcopy(student.model).eval().requires_grad_(False)
     assert abs(student.train_step()["loss"] - 0.75 * ce) < 1e-5
+
+
+def test_sparse_logits_give_the_dense_loss_and_gradients(tmp_path, monkeypatch):
+    """Where most labels are masked (SFT), the LM head runs only at labelled positions: same loss and
+    gradients as computing every position's logits."""
+    from lmforge.data.sft import IGNORE_INDEX
+    from lmforge.train import trainer as trainer_module
+
+    trainer = make_trainer(str(tmp_path / "r"), ["max_steps=1", "save_every=0"], ragged=True)
+    batch = trainer.objective.collate([trainer.data.train[i] for i in range(4)], trainer.data.pad_id)
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert labelled.float().mean() < trainer_module.SPARSE_LOGITS_BELOW  # the sparse path is taken
+    full = trainer.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    sparse = trainer.model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=labelled)
+    assert sparse.shape == (int(labelled.sum()), full.shape[-1])
+    torch.testing.assert_close(sparse, full[labelled], rtol=0, atol=1e-6)
+
+    def loss_and_grads():
+        trainer.model.zero_grad()
+        loss = trainer._loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+    assert "logits_to_keep" in trainer.objective.forward_kwargs(batch)
+    sparse_loss, sparse_grads = loss_and_grads()
+    monkeypatch.setattr(trainer_module, "SPARSE_LOGITS_BELOW", 0.0)
+    assert trainer.objective.forward_kwargs(batch) == {}
+    dense_loss, dense_grads = loss_and_grads()
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-6, atol=1e-5)
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
