@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmforge.quickstart.report import EXPECTED, headline_metrics, spread  # noqa: E402
+from lmforge.quickstart.report import EXPECTED, headline_metrics, metric_bounds, spread  # noqa: E402
 
 
 def run_one(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
@@ -90,7 +90,7 @@ def main() -> None:
             for key, value in headline_metrics(summary).items():
                 values.setdefault(key, []).append(value)
         entry = {"seeds": args.seeds, "precision": summaries[0].get("precision"),
-                 "metrics": {k: spread(v) for k, v in values.items()}, "values": values}
+                 "metrics": {k: spread(v, metric_bounds(k)) for k, v in values.items()}, "values": values}
         if args.repeat:
             again = run_one(out / f"t{threads}_s{args.seeds[0]}_repeat", args.seeds[0], threads, args.extra)
             first, second = headline_metrics(summaries[0]), headline_metrics(again)

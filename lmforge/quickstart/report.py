@@ -46,13 +46,20 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float], bounds: tuple[float, float] = (0.0, math.inf)) -> dict[str, float]:
     """Mean, sample standard deviation and the expected interval of a metric over seeds: mean +- 2 sd, widened
-    to the observed minimum and maximum (with few seeds the sd alone is a rough estimate)."""
+    to the observed minimum and maximum (with few seeds the sd alone is a rough estimate), clipped to the
+    metric's ``bounds`` (an accuracy lies in [0, 1])."""
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "sd": sd, "low": min(mean - 2 * sd, min(values)), "high": max(mean + 2 * sd, max(values)),
-            "runs": len(values)}
+    low = max(min(mean - 2 * sd, min(values)), bounds[0])
+    high = min(max(mean + 2 * sd, max(values)), bounds[1])
+    return {"mean": mean, "sd": sd, "low": low, "high": high, "runs": len(values)}
+
+
+def metric_bounds(key: str) -> tuple[float, float]:
+    """Where a headline metric can lie: accuracies in [0, 1], the rest (perplexity, bits, minutes) >= 0."""
+    return (0.0, 1.0) if key.startswith("sft_accuracy") else (0.0, math.inf)
 
 
 def load_expected(threads: int, path: Path = EXPECTED) -> dict[str, dict[str, float]]:
@@ -78,20 +85,22 @@ def _main_rows(summary: dict[str, Any]) -> list[Row]:
         rows.append(Row("sft", "stdlib bits per byte (5 unseen modules; lower is better)", bpb["pretrained"],
                         bpb["sft"], "stdlib_bpb_after_sft", fmt="num"))
     if "minutes" in summary:
-        rows.append(Row("quickstart", "minutes", None, summary["minutes"], "minutes", fmt="num"))
+        # no expected range: the seed study's runs share the machine, their minutes are not a speed figure
+        rows.append(Row("quickstart", "minutes", None, summary["minutes"], fmt="num"))
     return rows
 
 
 def _other_rows(run: Path) -> list[Row]:
-    """Headline numbers of the other quickstarts, where they have run on this run directory."""
+    """Headline numbers of the other quickstarts, where they have run on this run directory since its main
+    quickstart last finished (an older summary belongs to an SFT model that no longer exists)."""
     rows: list[Row] = []
-    align = _read(run / "align" / "summary.json")
+    align = _read(run / "align" / "summary.json", after=run / "summary.json")
     if align:
         for method in ("grpo", "ppo", "dpo"):
             if "accuracy" in align.get(method, {}):
                 rows.append(Row("align", f"{method.upper()} accuracy ({align.get('skill', '')}, vs SFT)",
                                 align["sft_accuracy"], align[method]["accuracy"]))
-    reason = _read(run / "reason" / "summary.json")
+    reason = _read(run / "reason" / "summary.json", after=run / "summary.json")
     if reason and "direct" in reason:
         rows.append(Row("reason", "greedy accuracy: direct answer -> thinking", reason["direct"]["greedy"],
                         reason["think_greedy"]))
@@ -101,7 +110,7 @@ def _other_rows(run: Path) -> list[Row]:
             if curve:
                 rows.append(Row("reason", f"{names.get(name, name)}: N = {curve[0]['n']} -> {curve[-1]['n']}",
                                 curve[0]["accuracy"], curve[-1]["accuracy"]))
-    interp = _read(run / "interp" / "summary.json")
+    interp = _read(run / "interp" / "summary.json", after=run / "summary.json")
     if interp:
         lens = interp.get("logit_lens", {})
         if lens.get("answer_top1"):
@@ -110,14 +119,17 @@ def _other_rows(run: Path) -> list[Row]:
         sae = interp.get("sae", {}).get("metrics", {})
         if "explained_variance" in sae:
             rows.append(Row("interp", "SAE explained variance", None, sae["explained_variance"]))
-    vision = _read(run / "vision" / "summary.json")
+    vision = _read(run / "vision" / "summary.json", after=run / "summary.json")
     if vision and "accuracy" in vision:
         rows.append(Row("vision", "accuracy", vision.get("accuracy_before"), vision["accuracy"]))
     return rows
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: Path, after: Path | None = None) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None if it is missing, unreadable, or older than ``after``."""
     try:
+        if after is not None and path.stat().st_mtime < after.stat().st_mtime:
+            return None
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -164,7 +176,7 @@ def report_card(run: str | Path, threads: int | None = None, expected_path: Path
              "", "| stage | metric | before | after | expected (after) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r.stage} | {r.metric} | {_show(r.before, r.fmt)} | {_show(r.after, r.fmt)} | {_expected_text(r)} |"
               for r in rows]
-    outside = [r.metric for r in rows if r.outside and r.key != "minutes"]
+    outside = [r.metric for r in rows if r.outside]
     if outside:
         lines += ["", f"Outside the expected range: {', '.join(outside)}."]
     markdown = "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.quickstart.report import headline_metrics, load_expected, report_card, spread
+from lmforge.quickstart.report import headline_metrics, load_expected, metric_bounds, report_card, spread
 
 SUMMARY = {"seed": 0, "threads": 2, "pretrain_val_ppl_before": 4324.4, "pretrain_val_ppl_after": 68.9,
            "sft_accuracy_before": {"next": 0.0, "add2": 0.0, "all": 0.0},
@@ -21,6 +21,9 @@ def test_spread_is_mean_sd_and_an_interval_covering_every_run():
     assert s["mean"] == pytest.approx(0.7333333) and s["sd"] == pytest.approx(0.1527525) and s["runs"] == 3
     assert s["low"] == pytest.approx(0.7333333 - 2 * 0.1527525) and s["high"] == pytest.approx(0.7333333 + 2 * 0.1527525)
     assert spread([0.5]) == {"mean": 0.5, "sd": 0.0, "low": 0.5, "high": 0.5, "runs": 1}
+    wide = spread([0.06, 0.1, 0.7], metric_bounds("sft_accuracy.add2"))  # mean +- 2 sd would leave [0, 1]
+    assert (wide["low"], wide["high"]) == (0.0, 1.0)
+    assert spread([1.0, 9.0], metric_bounds("minutes"))["low"] == 0.0
 
 
 def test_card_rows_expected_ranges_and_outside(tmp_path):
@@ -59,6 +62,12 @@ def test_card_adds_the_other_quickstarts_that_ran(tmp_path):
     (run / "interp" / "summary.json").write_text(json.dumps(
         {"logit_lens": {"answer_top1": [0.0, 0.5, 0.9]}, "sae": {"metrics": {"explained_variance": 0.8}}}))
     rows = {(r["stage"], r["metric"]): (r["before"], r["after"]) for r in report_card(run)["rows"]}
+    # a later main quickstart replaces the SFT model: the others' older summaries drop off the card
+    import os
+
+    for stage in ("align", "reason", "interp"):
+        os.utime(run / stage / "summary.json", (1_000_000, 1_000_000))
+    assert {r["stage"] for r in report_card(run)["rows"]} == {"pretrain", "sft", "quickstart"}
     assert rows[("align", "GRPO accuracy (add2, vs SFT)")] == (0.1, 0.2)
     assert rows[("align", "DPO accuracy (add2, vs SFT)")] == (0.1, 0.15)
     assert rows[("reason", "greedy accuracy: direct answer -> thinking")] == (0.04, 0.08)
