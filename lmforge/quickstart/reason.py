@@ -109,6 +109,7 @@ def _sft(base: Path, train_file: Path, out: Path, steps: int, seq_len: int, args
         f"out_dir={out}", f"model.path={base}", f"tokenizer={base}", f"data.train=[{train_file}]",
         f"data.seq_len={seq_len}", f"max_steps={steps}", f"seed={args.seed}", f"batch_size={args.batch_size}",
         f"optim.lr={args.lr}",
+        "data.replay.fraction=0",  # the recipe replays the main quickstart's corpus; these traces train alone
     ])
     trainer = build_trainer(cfg)
     print(f"      {out.name}: {trainer.data.describe}")
