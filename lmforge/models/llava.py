@@ -28,7 +28,7 @@ from lmforge.models.config import Config, TextConfigView, _is_int
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
 from lmforge.models.vision import (VisionConfig, VisionLanguageModel, VisionTransformer, activation_from_hf,
-                                   activation_to_hf, vision_activation, vision_weight_map)
+                                   activation_to_hf, hub_layout_name, vision_activation, vision_weight_map)
 
 # Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
 # language model's prefix); GPT-2 and OpenELM checkpoints are laid out differently and have no LLaVA variants.
@@ -252,19 +252,14 @@ def text_decoder(model: nn.Module, pixel_values: Tensor | None = None) -> Transf
 # ---- checkpoints -----------------------------------------------------------------------------------------
 # transformers' LlavaForConditionalGeneration names, one spelling per layout it has used; the file's names are
 # rewritten to the hub layout (the first), which is also what we write: every transformers version loads it.
-_HUB_PREFIXES = (
-    (re.compile(r"^model\.language_model\."), "language_model.model."),  # transformers >= 4.52 in memory
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+_TOWER_HUB_RULES = (
     (re.compile(r"^model\.vision_tower\."), "vision_tower."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
     (re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),  # transformers 5 in memory
 )
 
 
 def hub_name(name: str) -> str:
-    for pattern, replacement in _HUB_PREFIXES:
-        name = pattern.sub(replacement, name)
-    return name
+    return hub_layout_name(name, _TOWER_HUB_RULES)
 
 
 def llava_weight_map(config: LlavaConfig) -> list[TensorMap]:

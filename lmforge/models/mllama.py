@@ -38,7 +38,7 @@ from lmforge.models.config import Config, TextConfigView, _float, _int, _is_int,
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, CrossAttentionInputs, Hook, KVCache, Transformer, static_cache_of
 from lmforge.models.vision import (VisionBlock, VisionConfig, VisionLanguageModel, activation_from_hf,
-                                   activation_to_hf)
+                                   activation_to_hf, hub_layout_name)
 
 # transformers' MllamaTextConfig / MllamaVisionConfig defaults (Llama 3.2 11B Vision), for fields a config.json
 # leaves out.
@@ -458,18 +458,11 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
 # ---- checkpoints ------------------------------------------------------------------------------------------
 # transformers' MllamaForConditionalGeneration names, one spelling per layout; the file's names are rewritten to
 # the hub layout (the first, which transformers 5 still writes), which is also what we write.
-_HUB_PREFIXES = (
-    (re.compile(r"^model\.language_model\."), "language_model.model."),  # transformers >= 4.52 in memory
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.vision_model\."), "vision_model."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-)
+_TOWER_HUB_RULES = ((re.compile(r"^model\.vision_model\."), "vision_model."),)
 
 
 def hub_name(name: str) -> str:
-    for pattern, replacement in _HUB_PREFIXES:
-        name = pattern.sub(replacement, name)
-    return name
+    return hub_layout_name(name, _TOWER_HUB_RULES)
 
 
 def _vision_weight_map(config: MllamaVisionConfig) -> list[TensorMap]:

@@ -12,6 +12,7 @@ and every block's output) are returned for a multimodal model's feature selectio
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -337,3 +338,19 @@ class VisionLanguageModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return self.language_model.new_cache(batch_size, max_len)
+
+
+# transformers' names for a vision-language model's decoder, head and projector in the layouts it has used, rewritten
+# to the hub layout (which every transformers version loads, and which we write); each model adds its tower's rules.
+_DECODER_HUB_RULES = (
+    (re.compile(r"^model\.language_model\."), "language_model.model."),  # transformers >= 4.52 in memory
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+)
+
+
+def hub_layout_name(name: str, tower_rules: tuple[tuple[re.Pattern, str], ...]) -> str:
+    """``name`` in the hub layout: the shared decoder/projector rules, then the vision tower's, in order."""
+    for pattern, replacement in (*_DECODER_HUB_RULES, *tower_rules):
+        name = pattern.sub(replacement, name)
+    return name

@@ -88,3 +88,19 @@ def write_word_tokenizer(path: Path, words: list[str], vocab_size: int, image_to
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": template,
          "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def assert_in_memory_layout_loads(hf, tmp_path: Path) -> None:
+    """``hf`` saved by ``save_pretrained`` (the hub layout) and as its in-memory state dict (the layout newer
+    transformers keep, e.g. model.language_model.*): ``load_model`` gives the same tensors from both."""
+    from safetensors.torch import save_file
+
+    from lmforge import load_model
+
+    hf.save_pretrained(tmp_path / "hub")
+    (tmp_path / "mem").mkdir()
+    (tmp_path / "mem" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "mem" / "model.safetensors")
+    a, b = load_model(tmp_path / "hub"), load_model(tmp_path / "mem")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

@@ -14,7 +14,7 @@ from lmforge.models import generate
 from lmforge.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from lmforge.models.vision import VisionConfig
 
-from .hf_factory import build_hf_model, write_word_tokenizer
+from .hf_factory import assert_in_memory_layout_loads, build_hf_model, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL")
@@ -181,16 +181,7 @@ def test_save_roundtrip_loads_in_transformers(variant, tmp_path):
 
 def test_current_transformers_layout_loads(tmp_path):
     """transformers >= 4.52 keeps model.language_model.* / lm_head / model.vision_tower.* in memory: load that too."""
-    from safetensors.torch import save_file
-
-    hf = build_hf_llava("clip_llama")
-    hf.save_pretrained(tmp_path / "hub")
-    (tmp_path / "cur").mkdir()
-    (tmp_path / "cur" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "cur" / "model.safetensors")
-    a, b = load_model(tmp_path / "hub"), load_model(tmp_path / "cur")
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
+    assert_in_memory_layout_loads(build_hf_llava("clip_llama"), tmp_path)
 
 
 def test_text_only_prompt_to_llava_matches_its_decoder(variant):

@@ -13,7 +13,7 @@ from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.models import generate
 from lmforge.models.mllama import MllamaConfig, MllamaForConditionalGeneration
 
-from .hf_factory import write_word_tokenizer
+from .hf_factory import assert_in_memory_layout_loads, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL")
@@ -197,16 +197,7 @@ def test_save_roundtrip_loads_in_transformers(mllama, tmp_path):
 
 def test_in_memory_layout_loads(tmp_path):
     """transformers keeps model.language_model.* / model.vision_model.* / lm_head in memory: load that too."""
-    from safetensors.torch import save_file
-
-    hf = build_hf_mllama()
-    hf.save_pretrained(tmp_path / "hub")
-    (tmp_path / "mem").mkdir()
-    (tmp_path / "mem" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "mem" / "model.safetensors")
-    a, b = load_model(tmp_path / "hub"), load_model(tmp_path / "mem")
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
+    assert_in_memory_layout_loads(build_hf_mllama(), tmp_path)
 
 
 def test_parameter_count_and_hooks(mllama):
