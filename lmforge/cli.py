@@ -270,7 +270,9 @@ def _load_plugins() -> None:
     import lmforge.quickstart.interp  # noqa: F401
     import lmforge.models.gguf  # noqa: F401  (export-gguf)
     import lmforge.models.quant  # noqa: F401  (quantize)
+    import lmforge.models.compose  # noqa: F401  (build-vlm)
     import lmforge.quickstart.reason  # noqa: F401
+    import lmforge.quickstart.vision  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

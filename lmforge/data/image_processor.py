@@ -409,8 +409,24 @@ class _ImageTextProcessor:
     def _prompt(self, text: str) -> str:
         return text
 
-    def _encode(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
+    # Decoder positions per image placeholder: LLaVA splices one feature per position, Mllama keeps one token.
+    tokens_per_image = 1
+
+    def expand(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` with each image placeholder repeated ``tokens_per_image`` times (the decoder's positions)."""
+        n, image = self.tokens_per_image, self.image_token_id
+        return [t for i in ids for t in ([i] * n if i == image else [i])]
+
+    def image_inputs(self, rows: list[list[int]], images: Sequence[ImageInput]) -> dict[str, Tensor]:
+        """The model's image tensors for padded, expanded ``rows`` holding one placeholder per image, in order."""
         raise NotImplementedError
+
+    def _encode(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
+        images = self._checked_images(rows, images)
+        out = self._left_padded([self.expand(row) for row in rows])
+        if images:
+            out.update(self.image_inputs(out["input_ids"].tolist(), images))
+        return out
 
     def apply_chat_template(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
                             images: ImageInput | Sequence[ImageInput] | None = None,
@@ -425,7 +441,7 @@ class _ImageTextProcessor:
         found_images: list[ImageInput] = []
         ids = []
         for chat in batch:
-            flat = [self._flatten(m, i, found_images) for i, m in enumerate(chat)]
+            flat = [self.flatten_message(m, i, found_images) for i, m in enumerate(chat)]
             ids.append(self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt,
                                                           **template_kwargs))
         if images is None:
@@ -434,7 +450,9 @@ class _ImageTextProcessor:
             raise LmforgeError("images were given both inside the messages and as images=; give them one way")
         return self._encode(ids, images)
 
-    def _flatten(self, message: Message, index: int, found: list[ImageInput]) -> dict[str, Any]:
+    def flatten_message(self, message: Message, index: int, found: list[ImageInput]) -> dict[str, Any]:
+        """``message`` with string content: its parts joined, each image part as the image token (an image given
+        inside the part is appended to ``found``)."""
         content = message.get("content")
         if not isinstance(content, (list, tuple)):
             return dict(message)
@@ -484,20 +502,14 @@ class LlavaProcessor(_ImageTextProcessor):
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, config: LlavaConfig) -> None:
         super().__init__(tokenizer, config.image_token_id)
         self.image_processor, self.config = image_processor, config
-        self.num_image_tokens = config.num_image_tokens
+        self.tokens_per_image = config.num_image_tokens
         side = config.vision.image_size
         if image_processor.output_size not in (None, (side, side)):
             raise ConfigError(f"the image processor makes {image_processor.output_size[0]}x"
                               f"{image_processor.output_size[1]} images but the vision tower takes {side}x{side}")
 
-    def _encode(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
-        images = self._checked_images(rows, images)
-        expanded = [[t for i in row for t in ([i] * self.num_image_tokens if i == self.image_token_id else [i])]
-                    for row in rows]
-        out = self._left_padded(expanded)
-        if images:
-            out["pixel_values"] = self.image_processor(images)
-        return out
+    def image_inputs(self, rows: list[list[int]], images: Sequence[ImageInput]) -> dict[str, Tensor]:
+        return {"pixel_values": self.image_processor(list(images))}
 
 
 def cross_attention_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -543,25 +555,20 @@ class MllamaProcessor(_ImageTextProcessor):
         cut = leading * len(self.image_token)
         return text[:cut] + bos + text[cut:]
 
-    def _encode(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
-        images = self._checked_images(rows, images)
-        out = self._left_padded(rows)
-        if not images:
-            return out
+    def image_inputs(self, rows: list[list[int]], images: Sequence[ImageInput]) -> dict[str, Tensor]:
         per_row, taken = [], 0
         for row in rows:
             count = row.count(self.image_token_id)
-            per_row.append(images[taken:taken + count])
+            per_row.append(list(images[taken:taken + count]))
             taken += count
         image_inputs = self.image_processor(per_row)
         num_tiles = image_inputs.pop("num_tiles")
-        padded_ids = out["input_ids"].tolist()
-        mask = torch.zeros(len(rows), len(padded_ids[0]), image_inputs["pixel_values"].shape[1],
+        mask = torch.zeros(len(rows), len(rows[0]), image_inputs["pixel_values"].shape[1],
                            self.image_processor.max_image_tiles, dtype=torch.long)
-        for i, ids in enumerate(padded_ids):  # positions in the left-padded rows
+        for i, ids in enumerate(rows):  # positions in the padded rows
             for j, (start, end) in enumerate(cross_attention_spans(ids, self.image_token_id)):
                 mask[i, start:end, j, :num_tiles[i][j]] = 1
-        return {**out, **image_inputs, "cross_attention_mask": mask}
+        return {**image_inputs, "cross_attention_mask": mask}
 
 
 def load_processor(path: str | os.PathLike) -> LlavaProcessor | MllamaProcessor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
@@ -26,17 +26,23 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
 
     Every record is validated; a problem raises LmforgeError naming ``file:line`` and what is wrong.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"data file {path} does not exist")
-    out = []
-    for where, record in iter_jsonl(path):
-        if not isinstance(record, dict) or "messages" not in record:
-            raise LmforgeError(f"{where}: record has no 'messages' field")
-        out.append(validate_messages(record["messages"], where, needs_assistant=True))
+    out = [validate_messages(record["messages"], where, needs_assistant=True)
+           for where, record in iter_conversation_records(path)]
     if not out:
         raise LmforgeError(f"{path} holds no conversations")
     return out
+
+
+def iter_conversation_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """``(file:line, record)`` for each JSONL record, every one a dict with a ``messages`` field (else an
+    LmforgeError naming the line); a missing file is an LmforgeError too."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"data file {path} does not exist")
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise LmforgeError(f"{where}: record has no 'messages' field")
+        yield where, record
 
 
 def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_len: int | None = None,

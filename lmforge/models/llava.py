@@ -179,13 +179,18 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         self.multi_modal_projector = Projector(config)
         self.language_model = Transformer(config.text)
 
-    def image_features(self, pixel_values: Tensor) -> Tensor:
-        """[images, num_image_tokens, text hidden]: the selected vision hidden states, projected."""
+    def vision_features(self, pixel_values: Tensor) -> Tensor:
+        """[images, num_image_tokens, vision hidden * layers]: the selected vision hidden states (the projector's
+        input)."""
         hidden = self.vision_tower(pixel_values.to(self.device)).hidden_states
         chosen = [hidden[i] for i in self.config.feature_layers]
         if self.config.vision_feature_select_strategy == "default":
             chosen = [h[:, 1:] for h in chosen]
-        return self.multi_modal_projector(torch.cat(chosen, dim=-1))
+        return torch.cat(chosen, dim=-1)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """[images, num_image_tokens, text hidden]: the selected vision hidden states, projected."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """The decoder's input embeddings [B, T, hidden]: the tokens' (times the text family's embedding

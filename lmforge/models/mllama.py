@@ -52,6 +52,7 @@ _VISION_DEFAULTS: dict[str, Any] = dict(
     num_channels=3, intermediate_size=5120, vision_output_dim=7680, image_size=448, patch_size=14, norm_eps=1e-5,
     max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30])
 _DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _TEXT_EXTRA_EMBEDDINGS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
 # Fields we do not interpret but write back.
 _KEEP_EXTRA = {"transformers_version", "torch_dtype", "dtype"}
@@ -172,7 +173,9 @@ def _text_from_hf(d: Any) -> Config:
     if d.get("model_type", "mllama_text_model") != "mllama_text_model":
         raise ConfigError(f"text_config model_type {d.get('model_type')!r} is not supported in a mllama; "
                           "supported: mllama_text_model")
-    d = {**_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    # A null field takes transformers' default, except the special token ids: null there means "none", as transformers
+    # keeps it (not Llama 3.2's ids, which would name tokens another vocabulary does not have).
+    d = {**_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k in _TOKEN_ID_FIELDS}}
     d.pop("head_dim", None)  # transformers' Mllama always uses hidden_size / num_attention_heads
     # Nor does it tie the LM head to the (larger) input embedding, whatever tie_word_embeddings says: the flag
     # is only written back.

@@ -27,6 +27,8 @@ from lmforge.models.model import KVCache, Transformer
 from lmforge.models.model import activation as decoder_activation
 
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+# model_type of the vision-language models (config.json at the top of their directories)
+VISION_LANGUAGE_MODEL_TYPES = ("llava", "mllama")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu", "silu", "relu")
 # transformers' ``hidden_act`` spellings -> ours
 _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -318,7 +320,8 @@ def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> 
     return maps
 
 
-__all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VisionConfig", "VisionOutput", "VisionTransformer", "activation_from_hf",
+__all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VISION_LANGUAGE_MODEL_TYPES", "VisionConfig", "VisionOutput",
+           "VisionTransformer", "activation_from_hf",
            "activation_to_hf", "vision_activation", "vision_weight_map"]
 
 
@@ -338,6 +341,10 @@ class VisionLanguageModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return self.language_model.new_cache(batch_size, max_len)
+
+    def aux_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:
+        """The decoder's auxiliary loss of the last forward (MoE load balancing), as ``Transformer.aux_loss``."""
+        return self.language_model.aux_loss(attention_mask)
 
 
 # transformers' names for a vision-language model's decoder, head and projector in the layouts it has used, rewritten

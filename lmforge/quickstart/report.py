@@ -121,7 +121,10 @@ def _other_rows(run: Path) -> list[Row]:
             rows.append(Row("interp", "SAE explained variance", None, sae["explained_variance"]))
     vision = _read(run / "vision" / "summary.json", after=run / "summary.json")
     if vision and "accuracy" in vision:
-        rows.append(Row("vision", "accuracy", vision.get("accuracy_before"), vision["accuracy"]))
+        accuracy = vision["accuracy"]
+        for key, name in (("llava", "Method A (LLaVA)"), ("cross_attention", "Method B (cross-attention)")):
+            rows.append(Row("vision", f"VQA accuracy: text only -> {name} (chance {accuracy['chance']['all']:.0%})",
+                            accuracy["text_only"]["all"], accuracy[key]["all"]))
     return rows
 
 

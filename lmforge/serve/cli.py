@@ -85,11 +85,22 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", **DEVICE_FLAG)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", **QUANTIZE_FLAG)
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for a vision-language model (model_type llava or mllama), sent with your first "
+                        "message (before its text); repeat for several. In the chat, /image PATH attaches one to "
+                        "your next message")
     add_thinking_flags(p)
 
 
-@command("chat", "chat with a model in the terminal (its chat template; /reset clears, Ctrl-C stops a reply, "
-                 "/quit, Ctrl-D or Ctrl-C at the prompt leaves)")(_chat_args)
+def _text_only_error(what: str, model_type: str | None) -> str:
+    kind = f"a text-only {model_type} model" if model_type else "a text-only model"
+    return (f"{what} needs a vision-language model (model_type llava or mllama); this is {kind}, which takes "
+            "no images")
+
+
+@command("chat", "chat with a model in the terminal (its chat template; /image PATH attaches an image to your next "
+                 "message, for vision-language models; /reset clears the conversation and its images; Ctrl-C stops "
+                 "a reply; /quit, Ctrl-D or Ctrl-C at the prompt leaves)")(_chat_args)
 def chat_cmd(args: argparse.Namespace) -> int:
     import sys
 
@@ -103,10 +114,49 @@ def chat_cmd(args: argparse.Namespace) -> int:
     if tokenizer.chat_template is None:
         raise LmforgeError(f"{args.model} has no chat template; use `lmforge generate` instead")
     thinking = budget_from_args(args, tokenizer, args.max_new_tokens)
+    images = None
+    if args.image:
+        from lmforge.data.image_processor import load_image
+        from lmforge.models.checkpoint import config_model_type
+        from lmforge.models.vision import VISION_LANGUAGE_MODEL_TYPES
+
+        model_type = config_model_type(args.model)
+        if model_type is not None and model_type not in VISION_LANGUAGE_MODEL_TYPES:  # before the weights load
+            raise LmforgeError(_text_only_error("--image", model_type) + f" ({args.model})")
+        images = [load_image(path) for path in args.image]  # before the model: an unreadable file fails fast
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, quantize=args.quantize)
+    processor = None
+    if images is not None or _is_vision_model(model):
+        processor = _chat_processor(model, args.model, required=images is not None)
     return chat_loop(model, tokenizer, read=_read_terminal if sys.stdin.isatty() else _read_piped,
                      system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, seed=args.seed, thinking_budget=thinking)
+                     top_p=args.top_p, seed=args.seed, thinking_budget=thinking, processor=processor, images=images)
+
+
+def _is_vision_model(model) -> bool:
+    from lmforge.models.llava import text_decoder
+
+    return text_decoder(model) is not model
+
+
+def _chat_processor(model, path, required: bool):
+    """The processor of a vision-language model at ``path`` (None when it does not load and no image is needed
+    yet: the chat runs text-only and ``/image`` says why)."""
+    import sys
+
+    from lmforge.errors import LmforgeError
+
+    if not _is_vision_model(model):
+        raise LmforgeError(_text_only_error("--image", getattr(model.config, "model_type", None)) + f" ({path})")
+    from lmforge.data.image_processor import load_processor
+
+    try:
+        return load_processor(path)
+    except LmforgeError as e:
+        if required:
+            raise
+        print(f"note: images are off in this chat: {e}", file=sys.stderr)
+        return None
 
 
 def _read_terminal(prompt: str) -> str:
@@ -126,22 +176,31 @@ def _read_piped(prompt: str) -> str:
 
 def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None, max_new_tokens: int = 256,
               temperature: float = 0.7, top_p: float | None = 0.95, seed: int | None = None,
-              thinking_budget=None) -> int:
+              thinking_budget=None, processor=None, images=None) -> int:
     """The terminal chat. ``read(prompt)`` returns the next line as ``input`` does (EOFError on Ctrl-D,
     KeyboardInterrupt on Ctrl-C); replies go to ``out`` (default stdout). Ctrl-C during a reply stops it and
     returns to the prompt (the words shown stay in the conversation); Ctrl-D or Ctrl-C at the prompt, /quit
-    or /exit leave with 0. ``thinking_budget``: a ``lmforge.models.thinking.ThinkingBudget`` for every reply."""
+    or /exit leave with 0. ``thinking_budget``: a ``lmforge.models.thinking.ThinkingBudget`` for every reply.
+
+    Images (a vision-language model): ``processor`` is its ``lmforge.data.image_processor.load_processor``;
+    ``images`` (PIL images or paths) go with the first user message, and a line ``/image PATH`` attaches one to
+    the next. A message with images is kept as content parts (the images before its text); every turn renders
+    the whole conversation, all its images included, through the processor. /reset clears the images too."""
     import sys
 
     import torch
 
+    from lmforge.errors import LmforgeError
     from lmforge.models import generate_stream
     from lmforge.models.generate import default_eos_ids
 
     out = out or sys.stdout
+    if images and processor is None:
+        raise LmforgeError(_no_images_reason(model))
     stops = list(dict.fromkeys([*tokenizer.eos_ids, *default_eos_ids(model)]))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    pending = list(images or ())  # images for the next user message
     while True:
         try:
             line = read("you> ")
@@ -153,14 +212,43 @@ def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None,
             return 0
         if line.strip() == "/reset":
             messages = list(start)
+            pending = []
+            continue
+        if line.strip() == "/image" or line.strip().startswith("/image "):
+            image = _attach_image(line.strip()[len("/image"):], model, processor, out)
+            if image is not None:
+                pending.append(image)
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if pending:
+            parts = [*({"type": "image", "image": image} for image in pending), {"type": "text", "text": line}]
+            messages.append({"role": "user", "content": parts})
+        else:
+            messages.append({"role": "user", "content": line})
+        n_images = len(pending)
+        pending = []
+        image_inputs: dict = {}
+        if processor is not None and _has_images(messages):
+            try:  # the images' tensors, and the ids with each image placeholder expanded (LLaVA)
+                batch = processor.apply_chat_template(messages, add_generation_prompt=True)
+            except LmforgeError as e:
+                out.write(f"[{e}; the message was dropped]\n")
+                messages.pop()
+                continue
+            ids = batch["input_ids"][0].tolist()
+            image_inputs = {name: value for name, value in batch.items()
+                            if name not in ("input_ids", "attention_mask")}
+        else:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        dropped = f" (its {n_images} image(s) too)" if n_images else ""
         room = model.config.max_position_embeddings - len(ids)
         if room <= 0:
-            out.write("[the conversation is longer than the model's context; /reset to start over]\n")
+            out.write("[the conversation is longer than the model's context; /reset to start over]\n"
+                      if not image_inputs else
+                      f"[the conversation ({len(ids)} tokens with its images) is longer than the model's context "
+                      f"({model.config.max_position_embeddings}); the message was dropped{dropped}; /reset to "
+                      "start over]\n")
             messages.pop()
             continue
         if thinking_budget is not None and max(thinking_budget.max_tokens or 0, thinking_budget.min_tokens) >= room:
@@ -173,7 +261,7 @@ def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None,
         out.flush()
         stream = generate_stream(model, torch.tensor([ids]), max_new_tokens=min(max_new_tokens, room),
                                  temperature=temperature, top_p=top_p, eos_ids=stops, seed=seed,
-                                 thinking_budget=thinking_budget)
+                                 thinking_budget=thinking_budget, **image_inputs)
         try:
             for token in stream:
                 tid = int(token[0])
@@ -193,3 +281,41 @@ def chat_loop(model, tokenizer, read=input, out=None, system: str | None = None,
             messages.pop()  # stopped before a word: forget the question too, so the turns still alternate
         else:
             messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+
+
+def _has_images(messages) -> bool:
+    return any(isinstance(m["content"], list) and any(part.get("type") == "image" for part in m["content"])
+               for m in messages)
+
+
+def _no_images_reason(model) -> str:
+    if not _is_vision_model(model):
+        return _text_only_error("an image", getattr(model.config, "model_type", None))
+    return "this model's image processor is not loaded (does its directory have a preprocessor_config.json?)"
+
+
+def _attach_image(arg: str, model, processor, out):
+    """``/image PATH``: the image, or None after a one-line message saying why not (the chat goes on)."""
+    import os
+
+    from lmforge.errors import LmforgeError
+
+    path = arg.strip()
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":  # a dropped-in path often comes quoted
+        path = path[1:-1]
+    if not path:
+        out.write("[/image takes a file: /image PATH]\n")
+        return None
+    if processor is None:
+        out.write(f"[/image {path}: {_no_images_reason(model)}]\n")
+        return None
+    from lmforge.data.image_processor import load_image
+
+    try:
+        image = load_image(os.path.expanduser(path))
+    except LmforgeError as e:
+        out.write(f"[/image: {e}]\n")
+        return None
+    out.write(f"[image {path} goes with your next message]\n")
+    out.flush()
+    return image

@@ -39,6 +39,9 @@ class ModelSpec:
     init_std: float = 0.02
     # QLoRA: a frozen base with weight-only int4/int8 linears (lmforge.models.quant; CPU kernels); needs lora.enabled
     quantize: None | Literal["int4", "int8"] = None  # None first: a bad value is reported against the formats
+    # Only parameters whose names match one of these globs train, the rest stay frozen (e.g. a LLaVA's projector:
+    # ["multi_modal_projector.*"]); empty: all train (or, with LoRA, the adapters). LoRA adapters always train.
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -3,15 +3,20 @@ trainer of its ``task`` (a registry: pretrain and sft here, the others registere
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.checkpoint import config_model_type
 from lmforge.models.config import Config
-from lmforge.models.model import Transformer
 from lmforge.models.device import pick_device
+from lmforge.models.llava import text_decoder
+from lmforge.models.vision import VISION_LANGUAGE_MODEL_TYPES
+from lmforge.models.model import Transformer
 from lmforge.train.harness import Dist, setup_distributed
 from lmforge.train.recipe import TrainConfig
 from lmforge.train.trainer import Data, Trainer
@@ -91,21 +96,65 @@ def _pretrain_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, 
     return train, val, f"{caches.train.num_tokens:,} training tokens in {len(train):,} sequences of {cfg.data.seq_len}"
 
 
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Train only the parameters whose names match one of the glob ``patterns`` (and LoRA adapters, which are
+    trainable already); returns the trainable names. A pattern matching no parameter is a ``ConfigError``."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        tops = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ConfigError(f"recipe field 'model.trainable': {unmatched[0]!r} matches no parameter; the model's "
+                          f"parameters start with: {', '.join(tops[:12])}")
+    for name, param in model.named_parameters():
+        adapter = "lora_" in name and param.requires_grad
+        param.requires_grad_(adapter or any(fnmatch.fnmatchcase(name, p) for p in patterns))
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _vision_sft_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, str]:
+    """SFT of a vision-language model: chat JSONL with images (``lmforge.data.vision_sft``), through the model
+    directory's processor."""
+    from lmforge.data.image_processor import load_processor
+    from lmforge.data.vision_sft import VisionSFTDataset, read_vision_chat_jsonl
+
+    if cfg.data.replay.fraction > 0:
+        raise ConfigError("recipe field 'data.replay': replay of pretraining text is for text models; this model "
+                          "takes images (set data.replay.fraction: 0)")
+    processor = load_processor(cfg.model.path)
+    processor.tokenizer = tokenizer  # the recipe's tokenizer (by default the model directory's)
+    train, val, overflow = _sft_datasets(
+        cfg, read_vision_chat_jsonl,
+        lambda records: VisionSFTDataset(records, processor, cfg.data.seq_len, truncate=cfg.data.truncate))
+    images = sum(len(it["images"]) for it in train.items)
+    return train, val, (f"{len(train):,} conversations with {images:,} images ({processor.tokens_per_image} decoder "
+                        f"position(s) each; loss on assistant tokens only{overflow})")
+
+
+def _sft_datasets(cfg: TrainConfig, read: Callable[[str], list], make: Callable[[list], Any]) -> tuple[Any, Any, str]:
+    """The training and validation datasets ``make(records)`` of ``data.train`` (and ``data.val``, else the first
+    ``val_fraction`` of the records) as ``read(path)`` gives them, and what was truncated or dropped to fit."""
+    records = [r for path in cfg.data.train for r in read(path)]
+    if cfg.data.val:
+        val_records = [r for path in cfg.data.val for r in read(path)]
+    else:
+        n_val = int(len(records) * cfg.data.val_fraction)
+        records, val_records = records[n_val:], records[:n_val]
+    train = make(records)
+    val = make(val_records) if val_records else None
+    overflow = ""
+    if train.truncated or train.dropped:
+        overflow = f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
+    return train, val, overflow
+
+
 def _sft_data(cfg: TrainConfig, tokenizer, procs: Dist) -> tuple[Any, Any, str]:
     from lmforge.data.sft import SFTDataset, read_chat_jsonl
 
-    conversations = [c for path in cfg.data.train for c in read_chat_jsonl(path)]
-    if cfg.data.val:
-        val_conv = [c for path in cfg.data.val for c in read_chat_jsonl(path)]
-    else:
-        n_val = int(len(conversations) * cfg.data.val_fraction)
-        conversations, val_conv = conversations[n_val:], conversations[:n_val]
-    train = SFTDataset(conversations, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate)
-    val = SFTDataset(val_conv, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate) if val_conv else None
-    desc = f"{len(train):,} conversations (loss on assistant tokens only"
-    if train.truncated or train.dropped:
-        desc += f"; {train.truncated} truncated and {train.dropped} dropped at data.seq_len={cfg.data.seq_len}"
-    desc += ")"
+    if cfg.model.path and config_model_type(cfg.model.path) in VISION_LANGUAGE_MODEL_TYPES:
+        return _vision_sft_data(cfg, tokenizer)
+    train, val, overflow = _sft_datasets(
+        cfg, read_chat_jsonl, lambda convs: SFTDataset(convs, tokenizer, cfg.data.seq_len, truncate=cfg.data.truncate))
+    desc = f"{len(train):,} conversations (loss on assistant tokens only{overflow})"
     replay = cfg.data.replay
     if replay.fraction > 0:
         from lmforge.data.pretrain import PackedDataset
@@ -135,9 +184,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         raise ConfigError("recipe field 'tokenizer' is needed when the model is built from a config")
     tokenizer = load_tokenizer(tok_path)
     model = build_model(cfg, tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                           f"{model.config.vocab_size}")
+    rows = text_decoder(model).config.embedding_rows  # Mllama's image token is an input-only id past the head's
+    if tokenizer.vocab_size > rows:
+        raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model embeds {rows}")
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise ConfigError(f"recipe field 'data.seq_len' ({cfg.data.seq_len}) exceeds the model's context "
                           f"length ({model.config.max_position_embeddings})")
@@ -148,7 +197,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         lora = LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                           target_modules=tuple(cfg.lora.target_modules), use_dora=cfg.lora.use_dora)
         torch.manual_seed(cfg.seed)  # the adapters' initial values follow the recipe's seed, loaded base or not
-        apply_lora(model, lora)
+        apply_lora(text_decoder(model), lora)  # a vision-language model's decoder; its vision tower stays as it is
+    if cfg.model.trainable:
+        freeze_except(model, cfg.model.trainable)
     teacher = None
     if cfg.distill.teacher:
         from lmforge.models.checkpoint import load_model
@@ -161,5 +212,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     procs = setup_distributed(pick_device(cfg.device))
     data_fn, trainer = task
     train, val, describe = data_fn(cfg, tokenizer, procs)
-    data = Data(train=train, val=val, pad_id=tokenizer.pad_id_or_eos, describe=describe)
+    data = Data(train=train, val=val, pad_id=tokenizer.pad_id_or_eos, describe=describe,
+                collate=getattr(train, "collate", None))
     return trainer(cfg, model, data, tokenizer=tokenizer, lora=lora, teacher=teacher)

@@ -12,17 +12,21 @@ Device, processes, optimizer, checkpoints, metrics and the run loop are the shar
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.data.sampler import StepSampler
 from lmforge.data.sft import IGNORE_INDEX, pad_collate
+from lmforge.data.vision_sft import IMAGE_INPUT_KEYS
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.models.llava import text_decoder
 from lmforge.models.model import Transformer
 from lmforge.train.harness import Harness, lr_multiplier, read_metrics
 from lmforge.train.objectives import distillation_loss, token_cross_entropy
@@ -47,12 +51,16 @@ class Objective:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Extra keyword arguments of the model's forward for this batch (e.g. which logits to compute)."""
-        return {}
+        """Extra keyword arguments of the model's forward for this batch: its images' tensors, for a
+        vision-language model (subclasses add e.g. which logits to compute)."""
+        return {k: batch[k] for k in IMAGE_INPUT_KEYS if k in batch}
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+
+# Files of a model directory that are not weights or tokenizer and that a trained checkpoint keeps.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 # The share of labelled positions below which the LM head runs on those positions only.
 SPARSE_LOGITS_BELOW = 0.75
@@ -69,8 +77,11 @@ class LanguageModeling(Objective):
     def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         # Where most positions carry no loss (SFT: only the assistant's tokens), the LM head and the softmax
         # run only at the labelled positions: logits [N, vocab] instead of [B, T, vocab].
+        kwargs = super().forward_kwargs(batch)
         labelled = batch["labels"] != IGNORE_INDEX
-        return {"logits_to_keep": labelled} if labelled.float().mean() < SPARSE_LOGITS_BELOW else {}
+        if labelled.float().mean() < SPARSE_LOGITS_BELOW:
+            kwargs["logits_to_keep"] = labelled
+        return kwargs
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"].to(logits.device)
@@ -89,6 +100,8 @@ class Data:
     val: Any | None
     pad_id: int
     describe: str = ""
+    # How items become a batch when the data decides it (images: VisionSFTDataset.collate); else the objective's.
+    collate: Callable[[list, int], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -134,6 +147,9 @@ class Trainer:
         self.tokens_seen = 0
 
     # -- one step --
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        return (self.data.collate or self.objective.collate)(items, self.data.pad_id)
+
     def forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> Any:
         """Outputs of ``model`` (default: the trained model) on a padded batch, under the run's autocast."""
         return self.harness.forward(batch, model, **self.objective.forward_kwargs(batch))
@@ -154,8 +170,7 @@ class Trainer:
         self.wrapped.train()
         # This rank's micro-batches: micro-step = step * accum + k.
         micro_steps = range(self.step * cfg.grad_accum, (self.step + 1) * cfg.grad_accum)
-        batches = [self.objective.collate([self.data.train[i] for i in self.sampler.indices(m)], self.data.pad_id)
-                   for m in micro_steps]
+        batches = [self._collate([self.data.train[i] for i in self.sampler.indices(m)]) for m in micro_steps]
         global_units = self.dist.sum(sum(self.objective.units(b) for b in batches), self.device)
         if global_units == 0:
             raise LmforgeError(f"step {self.step}: the batch has nothing to learn from (all labels masked)")
@@ -189,7 +204,7 @@ class Trainer:
         total, units = 0.0, 0
         for i in range(0, max(len(mine), 1), self.cfg.batch_size):
             chunk = mine[i:i + self.cfg.batch_size] or [0]  # FSDP needs every rank in every forward: a dummy batch
-            batch = self.objective.collate([self.data.val[j] for j in chunk], self.data.pad_id)
+            batch = self._collate([self.data.val[j] for j in chunk])
             value = float(self._loss(batch))
             if i < len(mine):
                 total += value
@@ -219,24 +234,31 @@ class Trainer:
         from lmforge.models.checkpoint import save_model
 
         save_model(self._export(state), tmp / "model", tokenizer=self.tokenizer)
+        for name in IMAGE_PROCESSOR_FILES:  # a vision-language model's image processor travels with it
+            source = Path(self.cfg.model.path or "") / name
+            if self.cfg.model.path and source.is_file():
+                shutil.copyfile(source, tmp / "model" / name)
         if self.lora is not None:
             from lmforge.train.lora import save_adapter
 
-            save_adapter(self._export(state, merge=False), tmp / "adapter", self.lora, base_model=self.cfg.model.path)
+            # the decoder's adapter (LoRA on a vision-language model adapts its decoder only)
+            save_adapter(text_decoder(self._export(state, merge=False)), tmp / "adapter", self.lora,
+                         base_model=self.cfg.model.path)
 
     def _export(self, state: dict[str, torch.Tensor], merge: bool = True) -> Transformer:
         """A plain CPU copy of the model (unsharded; LoRA merged, or with ``merge=False`` kept as adapters)."""
         with torch.device("meta"):
-            export = Transformer(self.model.config)
+            export = type(self.model)(self.model.config)  # a Transformer, or a vision-language model around one
         if self.lora is not None:
             from lmforge.train.lora import apply_lora, merge_lora
 
-            apply_lora(export, self.lora)
+            apply_lora(text_decoder(export), self.lora)
         export.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True, assign=True)
         if merge and self.lora is not None:
             merge_lora(export)
-        if merge and self.model.config.tie_embeddings:
-            export.lm_head.weight = export.model.embed_tokens.weight
+        decoder = text_decoder(export)
+        if merge and decoder.config.tie_embeddings:
+            decoder.lm_head.weight = decoder.model.embed_tokens.weight
         return export
 
     def resume(self, path: Path | None = None) -> bool:
@@ -265,7 +287,7 @@ class Trainer:
 
     # -- the run --
     def fit(self, resume: bool | str | Path = False,
-            on_step: Callable[["Trainer", dict[str, Any]], None] | None = None) -> TrainResult:
+            on_step: Callable[[Trainer, dict[str, Any]], None] | None = None) -> TrainResult:
         cfg = self.cfg
         records, last_saved = self.harness.run(
             self, cfg.max_steps, config=("recipe.json", recipe_dict(cfg)), resume=resume,

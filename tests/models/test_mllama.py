@@ -364,3 +364,15 @@ def test_cli_generate_with_image(mllama_dir, tmp_path, capsys):
     expected = generate(model, **batch, max_new_tokens=5)
     text = load_tokenizer(path).decode(expected[0].tolist())
     assert text.strip() and text.strip() in printed
+
+
+def test_null_special_token_ids_stay_null():
+    """transformers keeps a null bos/eos/pad id; filling in Llama 3.2's (128000...) would name tokens that another
+    vocabulary does not have."""
+    from lmforge.models.mllama import MllamaConfig
+
+    hf = build_hf_mllama().config.to_dict()
+    hf["text_config"].update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    text = MllamaConfig.from_hf(hf).text
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (None, None, None)
+    assert MllamaConfig.from_hf(MllamaConfig.from_hf(hf).to_hf()).text.eos_token_id is None
