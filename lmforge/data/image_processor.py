@@ -27,7 +27,7 @@ from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.io import read_json_object
 from lmforge.models.checkpoint import config_model_type
 from lmforge.models.llava import LlavaConfig, read_llava_config
-from lmforge.models.mllama import MllamaConfig, read_mllama_config
+from lmforge.models.mllama import MllamaConfig, read_mllama_config, tile_arrangements
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -258,13 +258,6 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 # ---- Mllama: images as tiles ------------------------------------------------------------------------------
-def tile_arrangements(max_tiles: int) -> list[tuple[int, int]]:
-    """Every (rows, columns) of tiles using at most ``max_tiles``, in transformers' order: aspect-ratio id i + 1
-    is arrangement i (0 marks a padding image)."""
-    return [(rows, cols) for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles + 1)
-            if rows * cols <= max_tiles]
-
-
 def best_tile_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
     """(height, width) of the tile arrangement the image fits best: the smallest upscale if one upscales, else
     the least downscale; ties go to the smaller area (transformers' ``get_optimal_tiled_canvas``, NumPy as it)."""

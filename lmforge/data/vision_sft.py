@@ -17,6 +17,7 @@ import torch
 
 from lmforge.data.chat import validate_messages
 from lmforge.data.sft import IGNORE_INDEX, Overflow, SequenceTooLong, iter_conversation_records, pad_collate
+from lmforge.data.image_processor import load_image
 from lmforge.errors import LmforgeError
 
 # Batch fields a vision-language model's forward takes besides input_ids and attention_mask.
@@ -55,10 +56,12 @@ def read_vision_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if len(images) != n_parts:
             raise LmforgeError(f"{where}: the messages have {n_parts} image part(s) but 'images' lists {len(images)}")
         resolved = [p if p.is_absolute() else path.parent / p for p in map(Path, images)]
-        missing = [str(p) for p in resolved if not p.is_file()]
-        if missing:
-            raise LmforgeError(f"{where}: image file {missing[0]} does not exist")
-        out.append({"messages": messages, "images": resolved})
+        for image in resolved:  # opened now: a broken file stops the run before training, naming its line
+            try:
+                load_image(image)
+            except LmforgeError as e:
+                raise LmforgeError(f"{where}: {e}") from None
+        out.append({"messages": messages, "images": resolved, "where": where})
     if not out:
         raise LmforgeError(f"{path} holds no conversations")
     return out
@@ -93,6 +96,12 @@ class VisionSFTDataset:
         image = processor.image_token_id
         for n, record in enumerate(records):
             item = encode_vision_conversation(processor, record["messages"])
+            placeholders = int((item["input_ids"] == image).sum())  # an answer follows: none sits in the last slot
+            if placeholders != processor.tokens_per_image * len(record["images"]):
+                # e.g. the text itself spells the placeholder token: the images would shift between rows
+                raise LmforgeError(f"{record.get('where', f'conversation {n}')}: the rendered conversation holds "
+                                   f"{placeholders // processor.tokens_per_image} image placeholder(s) "
+                                   f"({processor.image_token!r}) for {len(record['images'])} image(s)")
             if len(item["input_ids"]) > max_len:
                 if mode == "error":
                     raise SequenceTooLong(f"conversation {n} is {len(item['input_ids'])} positions (images "
@@ -120,8 +129,6 @@ class VisionSFTDataset:
     def collate(self, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded ids, labels and attention mask (``pad_collate``), and the images' tensors for the model
         (``IMAGE_INPUT_KEYS``), read from disk now."""
-        from lmforge.data.image_processor import load_image
-
         batch = pad_collate(items, pad_id)
         images = [load_image(p) for it in items for p in it["images"]]
         if images:

@@ -34,14 +34,14 @@ from lmforge.io import atomic_file
 from lmforge.models.checkpoint import save_model
 from lmforge.models.config import Config, _is_int
 from lmforge.models.llava import LLAVA_TEXT_MODEL_TYPES, LlavaConfig, LlavaForConditionalGeneration, Projector
-from lmforge.models.mllama import MllamaConfig, MllamaForConditionalGeneration, MllamaVisionConfig, TiledVisionEncoder
+from lmforge.models.mllama import (EXTRA_INPUT_IDS, MllamaConfig, MllamaForConditionalGeneration, MllamaVisionConfig,
+                                   TiledVisionEncoder, tile_arrangements)
 from lmforge.models.model import CrossAttentionBlock, RMSNorm, Transformer
 from lmforge.models.resize import resize_token_embeddings
 from lmforge.models.vision import SUPPORTED_VISION_MODEL_TYPES, VisionBlock, VisionConfig, VisionTransformer
 
 METHODS = ("llava", "mllama")
 DEFAULT_IMAGE_TOKENS = {"llava": "<image>", "mllama": "<|image|>"}
-MLLAMA_EXTRA_INPUT_IDS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
 # The image processors' normalisation: OpenAI CLIP's statistics (CLIP towers, and Llama 3.2 Vision's processor),
 # 0.5 / 0.5 for SigLIP. (The same numbers as lmforge.data.image_processor, which this layer may not import.)
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -230,13 +230,6 @@ def _checked_positions(layers: Sequence[int], num_self_layers: int) -> list[int]
     return sorted(layers)
 
 
-def tile_arrangements(max_tiles: int) -> list[list[int]]:
-    """Every [rows, columns] of at most ``max_tiles`` tiles in the order the Mllama image processor numbers them
-    (aspect-ratio id i + 1 is entry i), which ``supported_aspect_ratios`` must follow."""
-    return [[rows, cols] for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles + 1)
-            if rows * cols <= max_tiles]
-
-
 def compose_mllama(decoder: Transformer, *, image_token_id: int | None = None, cross_attention_every: int = 2,
                    cross_attention_layers: Sequence[int] | None = None, image_size: int = 48, patch_size: int = 8,
                    vision_hidden: int = 128, vision_layers: int = 2, vision_global_layers: int = 1,
@@ -268,17 +261,17 @@ def compose_mllama(decoder: Transformer, *, image_token_id: int | None = None, c
     vocab = src.vocab_size
     if image_token_id is None:
         image_token_id = vocab
-    if not _is_int(image_token_id) or not vocab <= image_token_id < vocab + MLLAMA_EXTRA_INPUT_IDS:
+    if not _is_int(image_token_id) or not vocab <= image_token_id < vocab + EXTRA_INPUT_IDS:
         raise LmforgeError(f"image_token_id {image_token_id!r} is not one of the Mllama text model's input-only ids "
-                           f"{vocab}..{vocab + MLLAMA_EXTRA_INPUT_IDS - 1} (the decoder's vocabulary is {vocab}; "
+                           f"{vocab}..{vocab + EXTRA_INPUT_IDS - 1} (the decoder's vocabulary is {vocab}; "
                            "Llama 3.2 Vision's <|image|> is the first id past it, which the LM head cannot emit)")
     n = src.num_layers
     positions = (_checked_positions(cross_attention_layers, n) if cross_attention_layers is not None
                  else cross_attention_positions(n, cross_attention_every))
     total = n + len(positions)
     text_config = src.replace(num_layers=total, cross_attention_layers=positions, tie_embeddings=False,
-                              input_vocab_size=vocab + MLLAMA_EXTRA_INPUT_IDS, hf_extra=_text_extra(src))
-    arrangements = tile_arrangements(max_num_tiles) if _is_int(max_num_tiles) and max_num_tiles > 0 else None
+                              input_vocab_size=vocab + EXTRA_INPUT_IDS, hf_extra=_text_extra(src))
+    arrangements = [list(a) for a in tile_arrangements(max_num_tiles)] if _is_int(max_num_tiles) and max_num_tiles > 0 else None
     ratios = [list(r) for r in supported_aspect_ratios] if supported_aspect_ratios is not None else arrangements
     if arrangements is not None and ratios != arrangements:
         raise LmforgeError(f"supported_aspect_ratios must be {arrangements} for max_num_tiles={max_num_tiles}: the "
@@ -309,7 +302,7 @@ def compose_mllama(decoder: Transformer, *, image_token_id: int | None = None, c
         state.update({f"model.layers.{layer}.{k}": v.to(decoder.dtype) for k, v in block.state_dict().items()})
     embed = ours["model.embed_tokens.weight"].detach()
     mean = embed.float().mean(dim=0, keepdim=True).to(embed.dtype)  # as resize_token_embeddings grows a vocabulary
-    state["model.embed_tokens.weight"] = torch.cat([embed, mean.expand(MLLAMA_EXTRA_INPUT_IDS, -1)], dim=0)
+    state["model.embed_tokens.weight"] = torch.cat([embed, mean.expand(EXTRA_INPUT_IDS, -1)], dim=0)
     state["lm_head.weight"] = ours["lm_head.weight"].detach().clone()  # untied even when the decoder's is tied
     state["model.norm.weight"] = ours["model.norm.weight"].detach().clone()
     with torch.device("meta"):
@@ -515,10 +508,10 @@ def build_vlm(args: argparse.Namespace) -> int:
         model = compose_llava(decoder, image_token_id=image_id, vision_family=f"{args.vision_family}_vision_model",
                               **sizes)
     else:
-        if not vocab <= image_id < vocab + MLLAMA_EXTRA_INPUT_IDS:
+        if not vocab <= image_id < vocab + EXTRA_INPUT_IDS:
             raise LmforgeError(
                 f"{token} has id {image_id} in the tokenizer, but a Mllama's image token must be one of the input-only "
-                f"ids {vocab}..{vocab + MLLAMA_EXTRA_INPUT_IDS - 1} past the decoder's vocabulary of {vocab} (the "
+                f"ids {vocab}..{vocab + EXTRA_INPUT_IDS - 1} past the decoder's vocabulary of {vocab} (the "
                 f"tokenizer has {tokenizer.vocab_size} tokens{' with it' if not tokenizer.existed else ''}); use a "
                 "tokenizer with exactly the decoder's vocabulary, or --method llava")
         model = compose_mllama(decoder, image_token_id=image_id, cross_attention_every=args.cross_attention_every,
@@ -564,6 +557,5 @@ __all__ = [
     "init_vision_weights",
     "parameter_counts",
     "save_composed",
-    "tile_arrangements",
     "write_image_processor_config",
 ]

@@ -53,12 +53,19 @@ _VISION_DEFAULTS: dict[str, Any] = dict(
     max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30])
 _DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-_TEXT_EXTRA_EMBEDDINGS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
+EXTRA_INPUT_IDS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
 # Fields we do not interpret but write back.
 _KEEP_EXTRA = {"transformers_version", "torch_dtype", "dtype"}
 _TEXT_KEEP_EXTRA = {"dropout", "initializer_range", "use_cache", "tie_word_embeddings"}
 _VISION_KEEP_EXTRA = {"initializer_range"}
 TOKEN_PADDING = 8  # the encoder pads each tile's tokens to a multiple of this (as Meta's code does)
+
+
+def tile_arrangements(max_tiles: int) -> list[tuple[int, int]]:
+    """Every (rows, columns) of tiles using at most ``max_tiles``, in transformers' order: aspect-ratio id i + 1
+    is arrangement i (0 marks a padding image); ``supported_aspect_ratios`` follows it."""
+    return [(rows, cols) for rows in range(1, max_tiles + 1) for cols in range(1, max_tiles + 1)
+            if rows * cols <= max_tiles]
 
 
 def _int_list(value: Any, key: str) -> list[int]:
@@ -181,7 +188,7 @@ def _text_from_hf(d: Any) -> Config:
     # is only written back.
     text = Config.from_hf({**d, "model_type": "llama", "tie_word_embeddings": False})
     return text.replace(cross_attention_layers=_int_list(d["cross_attention_layers"], "cross_attention_layers"),
-                        input_vocab_size=text.vocab_size + _TEXT_EXTRA_EMBEDDINGS,
+                        input_vocab_size=text.vocab_size + EXTRA_INPUT_IDS,
                         hf_extra={k: v for k, v in d.items() if k in _TEXT_KEEP_EXTRA})
 
 
@@ -568,5 +575,5 @@ def load_mllama(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     return model.eval()
 
 
-__all__ = ["MllamaConfig", "MllamaVisionConfig", "MllamaForConditionalGeneration", "TiledVisionEncoder",
+__all__ = ["EXTRA_INPUT_IDS", "tile_arrangements", "MllamaConfig", "MllamaVisionConfig", "MllamaForConditionalGeneration", "TiledVisionEncoder",
            "load_mllama", "read_mllama_config", "mllama_weight_map", "tile_attention_mask"]

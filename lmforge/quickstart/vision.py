@@ -281,6 +281,9 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.steps < 2 or not 0 < args.stage1_fraction < 1:
+        raise LmforgeError(f"--steps must be at least 2 and --stage1-fraction in (0, 1) (Method A runs two stages), got "
+                           f"{args.steps} and {args.stage1_fraction}")
     if args.vision_layers < 2:
         raise LmforgeError(f"--vision-layers must be at least 2 (Mllama's tower: local layers, then one global), "
                            f"got {args.vision_layers}")
@@ -323,7 +326,7 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
     del decoder
 
     # 3. training: the same steps and batch for each
-    stage1 = max(1, round(args.steps * args.stage1_fraction))
+    stage1 = min(max(1, round(args.steps * args.stage1_fraction)), args.steps - 1)
     seq_len = 64 + image_tokens["llava"]
     print(f"[3/4] training, {args.steps} steps x {args.batch_size} each")
     a1, t1 = _train("vision_llava_stage1.yaml", built["llava"], paths["train"], out / "llava_stage1", stage1,

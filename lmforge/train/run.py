@@ -197,7 +197,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         lora = LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                           target_modules=tuple(cfg.lora.target_modules), use_dora=cfg.lora.use_dora)
         torch.manual_seed(cfg.seed)  # the adapters' initial values follow the recipe's seed, loaded base or not
-        apply_lora(text_decoder(model), lora)  # a vision-language model's decoder; its vision tower stays as it is
+        wrapped = apply_lora(text_decoder(model), lora)  # a vision-language model's decoder; never its vision tower
+        for name, param in model.named_parameters():  # the rest of a vision-language model is frozen too
+            param.requires_grad_(param.requires_grad and "lora_" in name)
+        cross = [name for name in wrapped if ".cross_attn." in name]
+        if cross:  # refused now, not at the first checkpoint: PEFT's format has no names for these
+            raise ConfigError(f"recipe field 'lora.target_modules' adapts cross-attention layers ({cross[0]}, ...), which "
+                              "the PEFT adapter format cannot name; train them whole with model.trainable instead")
     if cfg.model.trainable:
         freeze_except(model, cfg.model.trainable)
     teacher = None

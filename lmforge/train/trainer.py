@@ -238,7 +238,10 @@ class Trainer:
             source = Path(self.cfg.model.path or "") / name
             if self.cfg.model.path and source.is_file():
                 shutil.copyfile(source, tmp / "model" / name)
-        if self.lora is not None:
+        # An adapter alone is the run only when nothing but adapters trained (model.trainable may add e.g. a
+        # projector, which only the merged model above holds).
+        only_adapters = all("lora_" in n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self.lora is not None and only_adapters:
             from lmforge.train.lora import save_adapter
 
             # the decoder's adapter (LoRA on a vision-language model adapts its decoder only)

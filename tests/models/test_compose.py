@@ -12,6 +12,7 @@ import torch
 from lmforge import load_model
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
+from lmforge.models.mllama import tile_arrangements
 from lmforge.models.compose import (
     compose_llava,
     compose_mllama,
@@ -20,7 +21,6 @@ from lmforge.models.compose import (
     init_vision_weights,
     parameter_counts,
     save_composed,
-    tile_arrangements,
 )
 from lmforge.models.config import Config
 from lmforge.models.llava import LlavaForConditionalGeneration
@@ -168,7 +168,7 @@ def test_cross_attention_positions():
     assert cross_attention_positions(4, 4) == [3]
     with pytest.raises(LmforgeError, match="no cross-attention layer"):
         cross_attention_positions(4, 5)
-    assert tile_arrangements(4) == [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+    assert tile_arrangements(4) == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
 
 
 def test_mllama_layers_embeddings_and_head(decoder):

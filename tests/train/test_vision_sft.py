@@ -125,6 +125,21 @@ def test_bad_vision_records_are_named(tmp_path):
     bad.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(LmforgeError, match="bad.jsonl:1: image file .*missing.png does not exist"):
         read_vision_chat_jsonl(bad)
+    rows[0]["images"] = ["a.png"]  # an empty file: found, but no image
+    bad.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(LmforgeError, match="bad.jsonl:1: .*a.png"):
+        read_vision_chat_jsonl(bad)
+
+
+def test_placeholder_spelled_in_the_text_is_caught_per_conversation(vlm_dir, tmp_path):
+    kind, path, data = vlm_dir
+    processor = load_processor(path)
+    records = read_vision_chat_jsonl(data)[:2]
+    user = records[1]["messages"][0]
+    user["content"] = [*user["content"], {"type": "text", "text": " " + processor.image_token}]
+    with pytest.raises(LmforgeError, match=r"train.jsonl:2: the rendered conversation holds 2 image placeholder\(s\)"
+                                           r" .* for 1 image\(s\)"):
+        VisionSFTDataset(records, processor, max_len=64)
 
 
 def test_replay_with_images_is_refused(vlm_dir, tmp_path):
@@ -139,16 +154,19 @@ def test_lora_adapts_the_decoder_only_and_merges_into_a_loadable_checkpoint(vlm_
     kind, path, data = vlm_dir
     cfg = recipe(path, data, tmp_path / "run", ["multi_modal_projector.*"])
     cfg.lora.enabled = True
+    if kind == "mllama":  # PEFT has no names for LoRA on cross-attention layers: refused before any training
+        with pytest.raises(ConfigError, match="adapts cross-attention layers .*model.trainable"):
+            build_trainer(cfg)
+        return
     trainer = build_trainer(cfg)
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     adapters = [n for n in trained if "lora_" in n]
     assert adapters and all(n.startswith("language_model.") for n in adapters)  # never the vision tower
     assert set(trained) - set(adapters) == {n for n in trained if n.startswith("multi_modal_projector.")}
-    if kind == "mllama":  # PEFT has no name for LoRA on a cross-attention layer: said, not silently dropped
-        with pytest.raises(LmforgeError, match="cannot express LoRA on model.layers.1.cross_attn.q_proj"):
-            trainer.fit()
-        return
     result = trainer.fit()
     merged = load_model(result.final_checkpoint / "model")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
-    assert (result.final_checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    # the projector trained too, so an adapter alone would not be the run: only the merged model is written
+    assert not (result.final_checkpoint / "adapter").exists()
+    cfg.model.trainable, cfg.out_dir = [], str(tmp_path / "run_adapters_only")
+    assert (build_trainer(cfg).fit().final_checkpoint / "adapter" / "adapter_model.safetensors").is_file()
