@@ -51,7 +51,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer-scale", type=float, default=1.0, help="multiplier for --steer's vector (default 1)")
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image for a vision-language (LLaVA) model; repeat for several. The prompt holds one "
-                        "image placeholder (e.g. <image>) per image; with --chat the images go before its text")
+                        "image placeholder (e.g. <image>) per image; with --chat the images go before its text "
+                        "unless the prompt places them with the placeholder")
     add_thinking_flags(p)
     _add_strategy_flags(p)
 
@@ -102,7 +103,9 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
         processor = load_processor(args.model)
         if args.chat:
-            parts = [*({"type": "image"} for _ in images), {"type": "text", "text": args.prompt}]
+            # The images go before the text, unless the prompt places them itself with the image token.
+            parts = (args.prompt if processor.image_token in args.prompt else
+                     [*({"type": "image"} for _ in images), {"type": "text", "text": args.prompt}])
             batch = processor.apply_chat_template([{"role": "user", "content": parts}], images=images)
         else:
             batch = processor(args.prompt, images)

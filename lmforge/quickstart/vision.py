@@ -367,7 +367,7 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
     print(f"[4/4] held-out accuracy ({len(test)} scenes)\n{table}")
     first = test[0]
     print(f"done in {summary['minutes']:.1f} min; {out / 'summary.json'}, {out / 'report.md'}\ntry:\n"
-          f"  lmforge generate {a2} --chat --image {first['images'][0]} --prompt \"{_question(first)}\"")
+          f"  lmforge generate {a2} --chat --image {first['images'][0]} --prompt \"{_question(first)}<image>\"")
     from lmforge.quickstart.report import report_card
 
     report_card(run)

@@ -406,6 +406,27 @@ def test_cli_generate_with_image(llava_dir, tmp_path, capsys):
     assert "cannot read image file" in capsys.readouterr().err
 
 
+def test_cli_chat_prompt_places_the_image_itself(llava_dir, tmp_path, capsys):
+    """--chat with the placeholder in the prompt keeps it there (question first), as the chat message with the
+    image part after the text would."""
+    from lmforge.cli import main
+    from lmforge.data.image_processor import load_processor
+
+    _, path = llava_dir
+    image = drawn_images()[1]
+    image.save(tmp_path / "cat.png")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--max-new-tokens", "4", "--image", str(tmp_path / "cat.png"),
+                 "--chat", "--prompt", "what is this ? <image>"]) == 0
+    printed = capsys.readouterr().out
+    processor, model = load_processor(path), load_model(path)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "what is this ? "}, {"type": "image"}]}]
+    batch = processor.apply_chat_template(chat, images=[image])
+    assert batch["input_ids"][0, -1] != IMAGE_TOKEN  # the template's assistant prompt follows the image
+    out = generate(model, batch.pop("input_ids"), batch.pop("attention_mask"), max_new_tokens=4, **batch)
+    assert processor.decode(out[0].tolist()).strip() in printed
+
+
 def test_cli_image_to_text_only_model(tmp_path, capsys):
     from lmforge.cli import main
 
