@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -190,8 +191,10 @@ def test_slow_grammar_compile_times_out_off_the_engine_thread_and_is_cached(mode
     from lmforge.engine.engine import Engine
     from lmforge.serve.server import ServerLimits, build_app
 
-    # ~3 s to compile with this vocabulary (the size limit is raised so that the time limit is what acts)
-    schema = {"type": "string", "enum": [f"value{i}" for i in range(10_000)]}
+    # ~6 s to compile with this vocabulary, 20x the limit (the size limit is raised so that the time limit is what
+    # acts); values unique to this run, so no earlier compile of the same schema can answer it
+    run = uuid.uuid4().hex[:8]
+    schema = {"type": "string", "enum": [f"value{i}{run}" for i in range(20_000)]}
     limits = ServerLimits(max_schema_bytes=1 << 20, grammar_timeout_s=0.3)
     app = build_app(Engine(model_path, max_num_batched_tokens=64), "tiny", limits=limits)
     with running(app) as base:
