@@ -227,6 +227,21 @@ class _TensorSource:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({e}); the file may be truncated or corrupt") from None
 
 
+def _place(state: dict[str, torch.Tensor], tensor: torch.Tensor, tm: TensorMap, expected: dict[str, torch.Tensor],
+           dtype: torch.dtype, device: torch.device | str, what: str) -> None:
+    """A checkpoint tensor into ``state`` under our name(s): transposed where the map says, its shape checked against
+    ``expected`` (an error starting with ``what``), split where the checkpoint fuses several of ours (Phi-3's
+    qkv_proj), cast and moved."""
+    if tm.transpose:
+        tensor = tensor.t()
+    sizes = [expected[o].shape[0] for o in tm.ours]
+    want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
+    if tuple(tensor.shape) != tuple(want):
+        raise CheckpointError(f"{what} has shape {list(tensor.shape)}, expected {list(want)} from config.json")
+    for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
+        state[ours] = part.to(dtype=dtype, device=device).contiguous()
+
+
 def read_mapped_state(path: Path, expected: dict[str, torch.Tensor], maps: Iterable[TensorMap], dtype: torch.dtype,
                       device: torch.device, kind: str, needed_for: str,
                       canonical: Callable[[str], str] = lambda name: name,
@@ -251,17 +266,8 @@ def read_mapped_state(path: Path, expected: dict[str, torch.Tensor], maps: Itera
     for tm in maps:
         if tm.hf not in names:
             raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for {needed_for})")
-        tensor = source.get(names[tm.hf])
         used.add(tm.hf)
-        if tm.transpose:
-            tensor = tensor.t()
-        sizes = [expected[o].shape[0] for o in tm.ours]  # several: fused in the checkpoint (Phi-3's qkv_proj)
-        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
-        if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{path}: tensor {names[tm.hf]} has shape {list(tensor.shape)}, expected "
-                                  f"{list(want)} from config.json")
-        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
-            state[ours] = part.to(dtype=dtype, device=device).contiguous()
+        _place(state, source.get(names[tm.hf]), tm, expected, dtype, device, f"{path}: tensor {names[tm.hf]}")
     unexpected = sorted(names[n] for n in set(names) - used if not _IGNORED.match(n))
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
@@ -355,17 +361,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if tm.hf not in names:
             raise CheckpointError(f"{path}: missing tensor {tm.hf} (needed for {config.model_type} "
                                   f"with {config.num_layers} layers)")
-        tensor = source.get(names[tm.hf])
         used.add(names[tm.hf])
-        if tm.transpose:
-            tensor = tensor.t()
-        sizes = [expected[o].shape[0] for o in tm.ours]
-        want = (sum(sizes), *expected[tm.ours[0]].shape[1:])
-        if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{path}: tensor {tm.hf} has shape {list(tensor.shape)}, "
-                                  f"expected {list(want)} from config.json")
-        for ours, part in zip(tm.ours, tensor.split(sizes, dim=0)):
-            state[ours] = part.to(dtype=dtype, device=device).contiguous()
+        _place(state, source.get(names[tm.hf]), tm, expected, dtype, device, f"{path}: tensor {tm.hf}")
     if config.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
         used |= {n for n in ("lm_head.weight",) if n in names}
