@@ -81,9 +81,7 @@ def _text_only(records: list[dict[str, Any]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "w") as f:
         for r in records:
-            user, answer = r["messages"][0], r["messages"][1]
-            question = "".join(p["text"] for p in user["content"] if p["type"] == "text")
-            f.write(json.dumps({"messages": [{"role": "user", "content": question}, answer]}) + "\n")
+            f.write(json.dumps({"messages": [{"role": "user", "content": _question(r)}, r["messages"][1]]}) + "\n")
     return path
 
 
@@ -302,7 +300,7 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
     blocks = {"llava": dict(vision_layers=args.vision_layers),  # the same number of ViT blocks in both towers
               "cross_attention": dict(vision_layers=args.vision_layers - 1, vision_global_layers=1)}
     decoder = load_model(decoder_dir)
-    built, tower_accuracy, timings = {}, {}, {}
+    built, configs, parameters, tower_accuracy, timings = {}, {}, {}, {}, {}
     for name, compose, token in (("llava", compose_llava, "<image>"), ("cross_attention", compose_mllama, "<|image|>")):
         t = time.perf_counter()
         tokenizer = PlaceholderTokenizerFiles(decoder_dir, token)  # the placeholder: one new id past the vocabulary
@@ -313,9 +311,10 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
         tower_accuracy[name] = pretrain_tower(model, image_processor, args.patch_size, args.tower_scenes, args.tower_steps,
                                               64, args.tower_lr, args.seed, args.image_size)
         built[name] = save_composed(model, out / f"{name}_init", tokenizer)
+        configs[name], parameters[name] = model.config, sum(p.numel() for p in model.parameters())  # training keeps both
         timings[f"{name}_tower_s"] = time.perf_counter() - t
-    image_tokens = {"llava": load_model(built["llava"]).config.num_image_tokens,
-                    "cross_attention": load_model(built["cross_attention"]).config.tokens_per_tile}
+    image_tokens = {"llava": configs["llava"].num_image_tokens,
+                    "cross_attention": configs["cross_attention"].tokens_per_tile}
     print(f"[2/4] decoder {decoder_dir} ({sum(p.numel() for p in decoder.parameters()):,} parameters) + a "
           f"{args.vision_layers}-layer ViT of width {args.vision_hidden}, pretrained {args.tower_steps} steps to name "
           "each patch's colour and shape (held-out patches: LLaVA's CLIP tower "
@@ -333,7 +332,7 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
                     ["multi_modal_projector.*"], args, seq_len)
     a2, t2 = _train("vision_llava_stage2.yaml", a1, paths["train"], out / "llava_stage2", args.steps - stage1,
                     ["multi_modal_projector.*", "language_model.*"], args, seq_len)
-    cross_layers = load_model(built["cross_attention"]).config.text.cross_attention_layers
+    cross_layers = configs["cross_attention"].text.cross_attention_layers
     b, tb = _train("vision_cross_attention.yaml", built["cross_attention"], paths["train"], out / "cross_attention",
                    args.steps, ["multi_modal_projector.*", *(f"language_model.model.layers.{i}.*" for i in cross_layers)],
                    args, 64, lr=args.cross_lr)
@@ -354,8 +353,7 @@ def quickstart_vision_cmd(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "seed": args.seed, "threads": torch.get_num_threads(),
         "image_tokens": image_tokens, "tower": tower_accuracy, "accuracy": accuracy, "cost": cost,
         "train_s": {"llava": t1 + t2, "cross_attention": tb, "text_only": tc}, "tower_s": timings,
-        "parameters": {name: sum(p.numel() for p in load_model(d).parameters())
-                       for name, d in (("llava", a2), ("cross_attention", b))},
+        "parameters": parameters,
         "checkpoints": {"llava": str(a2), "cross_attention": str(b), "text_only": str(c)},
         "minutes": (time.perf_counter() - started) / 60,
     }
