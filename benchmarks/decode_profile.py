@@ -40,7 +40,8 @@ from model_speed import (  # noqa: E402
     DTYPES, build_checkpoint, decode_weight_bytes, hf_generate, interleaved_medians, load_both, measure_bandwidth)
 
 SMOLLM2_135M = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536, "vocab": 49152}
-MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"}
+MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm",
+              "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm"}  # the last two: lmforge.models.quant
 ATTENTION_OPS = {"aten::scaled_dot_product_attention"}
 BUCKETS = ["matmul (layers)", "matmul (LM head)", "attention (SDPA)", "KV cache writes + slot bookkeeping", "norms", "RoPE",
            "MLP activation", "residual adds, views, sampling, other ops", "outside ops (Python, dispatch)"]
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="a local HF model directory (default: random SmolLM2-135M shape)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="lmforge's weight-only quantization (int4: group 32); transformers stays in --dtype")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -225,11 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             build_checkpoint(shape, Path(tmp))
             hf, ours = load_both(Path(tmp), dtype)
+    if args.quantize:
+        from lmforge.models.quant import quantize_model
+
+        quantize_model(ours, args.quantize)
     cfg = ours.config
     print(f"model: {args.model or 'random Llama'}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, "
           f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
           f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}; "
-          f"{args.dtype}, {torch.get_num_threads()} threads", flush=True)
+          f"{args.dtype}{', lmforge ' + args.quantize if args.quantize else ''}, {torch.get_num_threads()} threads",
+          flush=True)
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=g)
     n = args.new_tokens
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["libraries"][name] = prof
     bandwidth = measure_bandwidth(args.bandwidth_gib)
     weight_bytes = decode_weight_bytes(ours)
-    lm_head_bytes = ours.lm_head.weight.numel() * ours.lm_head.weight.element_size()
+    lm_head_bytes = sum(t.numel() * t.element_size() for t in [*ours.lm_head.parameters(), *ours.lm_head.buffers()])
     roofline = bandwidth / weight_bytes
     results.update(bandwidth_GBps=bandwidth / 1e9, decode_weight_MB=weight_bytes / 1e6, roofline_tok_s=roofline)
 

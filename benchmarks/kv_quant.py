@@ -15,7 +15,10 @@ Prints:
   4. with runs/quickstart: exact match of the SFT model's greedy answers on the held-out skills problems
      (data/skills_test.jsonl), float vs each quantized cache, at block sizes 16 (the default) and 4 (key groups
      of 4 tokens, so most of these ~25-token prompts are quantized), plus a 3-shot variant whose earlier
-     turns put ~60 more tokens of quantized context in front of each question.
+     turns put ~60 more tokens of quantized context in front of each question; kivi2 also with KIVI's
+     full-precision window of the newest 16 / 32 tokens. Each row says what share of the tokens was really held
+     quantized and the tokens per KV byte that bought vs the float cache at those lengths (a window keeps short
+     prompts float: its accuracy is bought with bytes, and the row shows how many).
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return same, prefix / sum(len(x) for x in a)
 
 
-def quickstart_accuracy(limit: int, block_sizes: list[int]) -> dict:
+def quickstart_accuracy(limit: int, block_sizes: list[int], residuals: tuple[int, ...] = (16, 32)) -> dict:
+    """Exact match per cache dtype (and kivi2 with KIVI's full-precision window of the newest ``residuals``
+    tokens), each with the share of the sequences' tokens actually held quantized and the tokens per KV byte
+    that bought, relative to the float cache, at these sequences' real lengths."""
     from lmforge.data.synthetic import exact_match_accuracy
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.engine import Engine, SamplingParams
@@ -87,19 +93,29 @@ def quickstart_accuracy(limit: int, block_sizes: list[int]) -> dict:
             if variant == "3-shot" and bs != block_sizes[0]:
                 continue  # the long-context variant once, at the default block size
             row: dict = {"mean_prompt_tokens": mean_len}
-            ref = None
-            for dt in DTYPES:
+            ref, float_bpt = None, None
+            windows = [(dt, 0) for dt in DTYPES] + [("kivi2", r) for r in residuals if r % bs == 0]
+            for dt, residual in windows:
                 engine = Engine(model, tokenizer=tok, block_size=bs, num_blocks=4096, max_num_seqs=64,
-                                kv_cache_dtype=dt)
+                                kv_cache_dtype=dt, kv_residual_length=residual)
                 outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
                 texts = [o.outputs[0].text for o in outs]
                 ids = [o.outputs[0].token_ids for o in outs]
-                acc = exact_match_accuracy(texts, answers)
-                row[dt] = {"exact_match": acc}
+                name = dt if not residual else f"{dt} residual {residual}"
+                cell = row[name] = {"exact_match": exact_match_accuracy(texts, answers)}
+                bpt = engine.kv_bytes_per_token()
+                float_bpt = float_bpt or bpt
+                # what these sequences' KV really took at their final length: whole blocks beyond the newest
+                # `residual` tokens (and the partly filled block) quantized, the rest float
+                lengths = [len(p) + len(i) for p, i in zip(prompts, ids)]
+                quantized = [max(0, n // bs * bs - residual) if dt != "auto" else 0 for n in lengths]
+                spent = sum(q * bpt + (n - q) * float_bpt for q, n in zip(quantized, lengths))
+                cell["quantized_token_fraction"] = sum(quantized) / sum(lengths)
+                cell["tokens_per_kv_byte_vs_float"] = sum(lengths) * float_bpt / spent
                 if ref is None:
                     ref = ids
                 else:
-                    row[dt]["identical"], row[dt]["prefix_agreement"] = agreement(ids, ref)
+                    cell["identical"], cell["prefix_agreement"] = agreement(ids, ref)
             results[f"{variant}, block_size {bs}"] = row
     return results
 
@@ -179,9 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n4. quickstart SFT model, {args.problems} held-out skills problems, greedy, exact match (last number)")
         acc = quickstart_accuracy(args.problems, [16, 4])
         for setting, row in acc.items():
-            cells = [f"{dt} {row[dt]['exact_match']:.1%}" + (f" (identical {row[dt]['identical']:.0%})" if dt != "auto" else "")
-                     for dt in DTYPES]
-            print(f"  {setting} (prompts ~{row['mean_prompt_tokens']:.0f} tokens): " + ", ".join(cells))
+            print(f"  {setting} (prompts ~{row['mean_prompt_tokens']:.0f} tokens):")
+            for name, cell in row.items():
+                if isinstance(cell, dict):
+                    same = f"identical {cell['identical']:4.0%}" if "identical" in cell else " " * 14
+                    print(f"    {name:22} exact match {cell['exact_match']:6.1%}  {same}  quantized "
+                          f"{cell['quantized_token_fraction']:4.0%} of tokens, {cell['tokens_per_kv_byte_vs_float']:.2f}x "
+                          "tokens per KV byte vs float")
         results["quickstart"] = acc
     else:
         print("\n4. runs/quickstart not found: no task accuracy (run `lmforge quickstart` first)")

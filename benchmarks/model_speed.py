@@ -111,10 +111,18 @@ def measure_bandwidth(gib: float, reps: int = 5) -> float:
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes of parameters one decode step streams: all of them but the input embedding table."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decode step reads: every parameter and buffer (a quantized model's packed codes and
+    scales included) except the input embedding table, of which one row is read, unless the LM head is that
+    same tensor."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     emb = model.model.embed_tokens.weight
-    if model.lm_head.weight is not emb:  # untied: the embedding is a one-row lookup per token
+    head = model.lm_head  # a QuantizedLinear's .weight would dequantize: test the type first
+    if not (isinstance(head, torch.nn.Linear) and head.weight is emb):
         total -= emb.numel() * emb.element_size()
     return total
 

@@ -2,7 +2,9 @@
 
 For each model, lmforge float32, bfloat16, int8 (per output channel) and int4 (grouped, zero points) decode
 the same prompt, next to transformers float32 and, when ``llama-cpp-python`` is installed, llama.cpp on GGUF
-exports of the same weights (Q8_0 and Q4_0; a benchmark-only peer, skipped with a message otherwise). Each is
+exports of the same weights (Q8_0 and Q4_0; a benchmark-only peer, skipped with a message otherwise). lmforge
+also runs those very GGUF files with ``quantize="keep"`` (their blocks on its kernels), so the llama.cpp rows
+have an lmforge row of the same bytes beside them. Each is
 reported as tokens/s, as a ratio to lmforge float32, and as a fraction of the bandwidth roofline for its *own*
 bytes per token (measured read bandwidth / the bytes of weights that variant streams per token).
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_speed import (  # noqa: E402
-    build_checkpoint, hf_generate, interleaved_medians, load_both, measure_bandwidth)
+    build_checkpoint, decode_weight_bytes, hf_generate, interleaved_medians, load_both, measure_bandwidth)
 
 SHAPES = {
     "100M (12 x 768)": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000,
@@ -68,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    p.add_argument("--compile", action="store_true",
+                   help="also float32 and int4 with generate(compile=True) (each compiles for a minute or two first)")
+    p.add_argument("--no-gguf", action="store_true", help="skip the GGUF exports (llama.cpp and lmforge keep rows)")
     p.add_argument("--kernels", action="store_true", help="only the kernel sweep (no models)")
     p.add_argument("--kernel-reps", type=int, default=9)
     p.add_argument("--quick", action="store_true", help="a tiny model, few tokens: a smoke run")
@@ -183,61 +188,59 @@ def perplexity(model, tokens: torch.Tensor, window: int, is_hf: bool = False) ->
     return math.exp(total / count)
 
 
-# ---- bytes per token -----------------------------------------------------------------------------------------
-def streamed_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer (packed codes and scales included)
-    except the input embedding table, of which one row is read, unless the LM head is that same tensor."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    emb = model.model.embed_tokens.weight
-    head = model.lm_head  # a QuantizedLinear's .weight would dequantize: test the type first
-    if not (isinstance(head, torch.nn.Linear) and head.weight is emb):
-        total -= emb.numel() * emb.element_size()
-    return total
+# ---- GGUF exports: llama.cpp (optional peer) and lmforge's quantize="keep" on the same files --------------------
+GGUF_TYPES = ("q8_0", "q4_0")
 
 
-# ---- llama.cpp (optional peer) -----------------------------------------------------------------------------
-def llama_cpp_rows(path: Path, float_model, prompt: torch.Tensor, n: int, reps: int, threads: int) -> dict:
-    """Decode tokens/s of llama.cpp on GGUF exports (Q8_0, Q4_0) of the same weights; {} with a message when
-    llama-cpp-python is not installed or cannot run the file."""
+def export_gguf_files(path: Path, float_model, out_dir: Path) -> dict[str, Path]:
+    """The model exported with ``lmforge export-gguf``'s writer as Q8_0 and Q4_0 (every matrix, LM head included).
+    A random-weight checkpoint has no tokenizer and llama.cpp loads no file without one: it gets a small byte-level
+    BPE (the exporter pads the token list to the model's vocabulary); decode speed does not depend on it."""
+    from lmforge.data.tokenizer import train_bpe_tokenizer
+    from lmforge.models.gguf import _directory_tokenizer, save_gguf
+
+    if (path / "tokenizer.json").is_file():
+        tokenizer = _directory_tokenizer(path)
+    elif float_model.config.vocab_size < 300:
+        print(f"  GGUF rows skipped: no tokenizer.json, and a vocabulary of {float_model.config.vocab_size} is too "
+              "small for a stand-in byte-level BPE")
+        return {}
+    else:
+        text = Path(json.__file__).read_text(encoding="utf-8")  # any text: a stdlib module
+        tokenizer = train_bpe_tokenizer([text], min(512, float_model.config.vocab_size), min_frequency=1)
+    return {q: save_gguf(float_model, out_dir / f"{path.name}.{q}.gguf", q, tokenizer=tokenizer) for q in GGUF_TYPES}
+
+
+def llama_cpp_runs(files: dict[str, Path], prompt: torch.Tensor, n: int, threads: int) -> dict:
+    """{row name: run(k) -> the k greedy tokens} for llama.cpp on each file; {} with a message when
+    llama-cpp-python is not installed or cannot load a file."""
     try:
         import llama_cpp
     except ImportError:
         print("  llama.cpp: skipped (pip install llama-cpp-python to compare; benchmark-only peer)")
         return {}
-    from lmforge.models.gguf import save_gguf
-
-    rows: dict = {}
-    for qtype in ("q8_0", "q4_0"):
-        file = path.parent / f"{path.name}.{qtype}.gguf"
+    runs: dict = {}
+    ids = prompt[0].tolist()
+    for qtype, file in files.items():
         try:
-            tokenizer = None
-            if (path / "tokenizer.json").is_file():
-                from lmforge.models.gguf import _directory_tokenizer
-
-                tokenizer = _directory_tokenizer(path)
-            save_gguf(float_model, file, qtype, tokenizer=tokenizer)
             llm = llama_cpp.Llama(model_path=str(file), n_ctx=prompt.shape[1] + n + 8, n_threads=threads,
-                                  verbose=False)
-            ids = prompt[0].tolist()
-
-            def run(k: int, llm=llm, ids=ids) -> None:
-                llm.reset()
-                llm.eval(ids)
-                for _ in range(k):
-                    token = int(llm.sample(temp=0.0))
-                    llm.eval([token])
-
-            t = interleaved_medians({k: (lambda k=k: run(k)) for k in (n, 1)}, reps, 1)
-            rows[f"llama.cpp {qtype.upper()}"] = {"decode_tok_s": (n - 1) / (t[n] - t[1]),
-                                                  "bytes_per_token": file.stat().st_size}
+                                  n_threads_batch=threads, verbose=False)
         except Exception as e:  # noqa: BLE001 - an optional peer: report and go on
-            print(f"  llama.cpp {qtype}: failed ({type(e).__name__}: {e})")
-    return rows
+            print(f"  llama.cpp {qtype}: failed to load ({type(e).__name__}: {e})")
+            continue
+
+        def run(k: int, llm=llm) -> torch.Tensor:
+            llm.reset()
+            llm.eval(ids)
+            out = []
+            for _ in range(k):
+                token = int(llm.sample(temp=0.0))
+                out.append(token)
+                llm.eval([token])
+            return torch.tensor([ids + out])
+
+        runs[f"llama.cpp {qtype.upper()}"] = run
+    return runs
 
 
 # ---- one model -------------------------------------------------------------------------------------------------
@@ -251,26 +254,45 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, bandwidth: floa
     models = {"lmforge float32": fp32, "lmforge bfloat16": load_model(path, dtype=torch.bfloat16),
               "lmforge int8": load_model(path, quantize="int8"), f"lmforge int4 g{args.group_size}": load_model(
                   path, quantize=int4)}
+    gguf_dir = tempfile.TemporaryDirectory()
+    files = {} if args.no_gguf else export_gguf_files(path, fp32, Path(gguf_dir.name))
+    for qtype, file in files.items():  # the very bytes llama.cpp runs, on lmforge's kernels
+        models[f"lmforge {qtype.upper()} keep"] = load_model(file, quantize="keep")
     cfg = fp32.config
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=g)
     n = args.new_tokens
     runs = {k: (lambda c, m=m: generate(m, prompt, max_new_tokens=c, eos_ids=())) for k, m in models.items()}
+    if args.compile:  # the per-token work outside the matmuls, fused by Inductor (first call compiles)
+        for k in ("lmforge float32", f"lmforge int4 g{args.group_size}"):
+            models[f"{k} compiled"] = models[k]
+            runs[f"{k} compiled"] = lambda c, m=models[k]: generate(m, prompt, max_new_tokens=c, eos_ids=(),
+                                                                    compile=True)
     if not args.no_hf:
         runs["transformers float32"] = lambda c: hf_generate(hf, prompt, c, static=False)
+    if not args.no_llama_cpp:
+        runs.update(llama_cpp_runs(files, prompt, n, args.threads))
     tokens = {k: run(n) for k, run in runs.items()}  # also the warm-up
     calls = {(k, c): (lambda run=run, c=c: run(c)) for k, run in runs.items() for c in (n, 1)}
     t = interleaved_medians(calls, args.reps, 0)
     rows: dict = {}
     for k in runs:
-        model = models.get(k, fp32)  # transformers streams the float32 weights
-        rows[k] = {"decode_tok_s": (n - 1) / (t[k, n] - t[k, 1]), "bytes_per_token": streamed_bytes(model),
-                   "greedy_tokens_equal_float32": bool(torch.equal(tokens[k].cpu(), tokens["lmforge float32"].cpu()))}
-    if not args.no_llama_cpp:
-        rows.update(llama_cpp_rows(path, fp32, prompt, n, args.reps, args.threads))
+        if k.startswith("llama.cpp"):
+            size = files[k.split()[-1].lower()].stat().st_size
+            emb = fp32.model.embed_tokens.weight
+            # the file less the input embedding table it reads one row of (unless that table is also the head)
+            streamed = size if cfg.tie_embeddings else size - emb.numel() * size / sum(
+                p.numel() for p in fp32.parameters())
+            rows[k] = {"bytes_per_token": int(streamed)}
+        else:
+            rows[k] = {"bytes_per_token": decode_weight_bytes(models.get(k, fp32))}  # transformers streams float32
+        rows[k]["decode_tok_s"] = (n - 1) / (t[k, n] - t[k, 1])
+        rows[k]["greedy_tokens_equal_float32"] = bool(torch.equal(tokens[k].cpu(), tokens["lmforge float32"].cpu()))
     ids, source = heldout_tokens(args.ppl_tokens, cfg.vocab_size)
     for k, row in rows.items():
-        if k.startswith("lmforge"):
+        if k.endswith(" compiled"):  # the same weights as its eager row
+            row["perplexity"] = rows[k.removesuffix(" compiled")]["perplexity"]
+        elif k.startswith("lmforge"):
             row["perplexity"] = perplexity(models[k], ids, args.ppl_window)
         elif k.startswith("transformers"):
             row["perplexity"] = perplexity(hf, ids, args.ppl_window, is_hf=True)
@@ -281,6 +303,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, bandwidth: floa
         row["roofline_fraction"] = row["decode_tok_s"] / row["roofline_tok_s"]
         if "perplexity" in row:
             row["perplexity_change"] = row["perplexity"] / base["perplexity"] - 1
+    gguf_dir.cleanup()
     params = sum(p.numel() for p in fp32.parameters())
     print(f"\n{name}: {params / 1e6:.1f}M params, hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab "
           f"{cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}; {args.threads} threads; perplexity on "
@@ -289,9 +312,9 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, bandwidth: floa
           f"{'ppl chg':>9}  greedy = fp32")
     for k, r in rows.items():
         ppl = f"{r['perplexity']:10.3f}{r['perplexity_change']:+8.2%}" if "perplexity" in r else f"{'-':>10}{'-':>9}"
-        same = "yes" if r.get("greedy_tokens_equal_float32", True) else "no"
+        same = "yes" if r["greedy_tokens_equal_float32"] else "no"
         print(f"{k:26}{r['decode_tok_s']:8.1f}{r['ratio_vs_lmforge_float32']:8.2f}x{r['bytes_per_token'] / 1e6:10.1f}"
-              f"{r['roofline_tok_s']:10.1f}{r['roofline_fraction']:9.0%}{ppl}  {same if k in tokens else '-'}")
+              f"{r['roofline_tok_s']:10.1f}{r['roofline_fraction']:9.0%}{ppl}  {same}")
     return {"params": params, "perplexity_text": source, "rows": rows}
 
 

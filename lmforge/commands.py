@@ -16,8 +16,9 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
 
 # The one --quantize flag of the commands that load a model to run it (``lmforge serve`` serves a directory that
 # ``lmforge quantize`` wrote instead).
-QUANTIZE_FLAG: dict = dict(default=None, choices=["int8", "int4"],
-                           help="weight-only quantization of the linears for the CPU low-bit kernels (int4: group 32)")
+QUANTIZE_FLAG: dict = dict(default=None, choices=["int8", "int4", "keep"],
+                           help="weight-only quantization of the linears for the CPU low-bit kernels (int4: group 32; "
+                                "keep: a .gguf file's Q8_0/Q4_0/Q4_1 blocks as they are)")
 
 # The one --device flag of every command that runs a model.
 DEVICE_FLAG: dict = dict(default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu) | cpu | cuda | cuda:N")

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.io import atomic_directory, atomic_file, read_json_object
 from lmforge.models.device import pick_device
 from lmforge.models.config import Config
@@ -318,16 +318,25 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     ``eos_token_id`` by default and ``save_model`` writes it back.
     ``quantize``: "int8" | "int4" (or a ``lmforge.models.quant.QuantConfig``): weight-only quantization of the
     decoder's linears for the CPU low-bit kernels (``lmforge.models.quant``). A directory ``lmforge quantize``
-    wrote loads quantized without it.
+    wrote loads quantized without it. "keep" (a .gguf file only): its Q8_0/Q4_0/Q4_1 matrices run on those
+    kernels as stored, never made float (``lmforge.models.gguf.load_gguf_model``).
     A LLaVA directory (``model_type: llava``) loads as ``lmforge.models.llava.LlavaForConditionalGeneration``,
     a Llama 3.2 Vision one (``model_type: mllama``) as ``lmforge.models.mllama.MllamaForConditionalGeneration``."""
     device = pick_device(device)
     path = Path(path)
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    if quantize == "keep":
+        if not is_gguf:
+            raise LmforgeError(f"quantize='keep' keeps a GGUF file's own Q8_0/Q4_0/Q4_1 blocks; {path} is not a .gguf "
+                               "file: use quantize='int8' or 'int4'")
+        from lmforge.models.gguf import load_gguf_model  # imports this module: loaded on demand
+
+        return load_gguf_model(path, dtype=dtype, device=device, keep=True)
     if quantize is not None:  # an unknown value fails before anything is read
         from lmforge.models.quant import as_config
 
         quantize = as_config(quantize)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if is_gguf:
         from lmforge.models.gguf import load_gguf_model  # imports this module: loaded on demand
 
         return _quantized(load_gguf_model(path, dtype=dtype, device=device), quantize)

@@ -51,6 +51,10 @@ _ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "
 # Types ``gguf.quants.dequantize`` turns back into floats and that we accept.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
+# Block types whose codes map onto lmforge's low-bit kernels as they are (``quantize="keep"``): bytes per block of
+# 32 weights, and the ``QuantConfig`` they become (a scale per block; Q4_1's min folded into a zero point).
+KEEP_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+_KEEP_BLOCK = 32
 # What ``save_gguf`` writes matrices as (vectors are always F32, as llama.cpp does).
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -263,9 +267,67 @@ def _dequantize(f: _File, name: str) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
+def _kept_blocks(f: _File, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q8_0/Q4_0/Q4_1 matrix's own codes and block constants, no float weight made: (signed codes int8 [out, in],
+    scales float32 [out, in / 32], zeros float32 [out, in / 32] or None), with ``w = code * scale (+ zero)``.
+    ggml's blocks: Q8_0 = f16 d, 32 int8 q (w = d q); Q4_0 = f16 d, 16 bytes holding q in [0, 15], elements 0-15 in
+    the low nibbles and 16-31 in the high ones (w = d (q - 8)); Q4_1 = f16 d, f16 m, the same nibbles (w = d q + m,
+    i.e. code q - 8 with zero m + 8 d)."""
+    t = f.tensors[name]
+    kind = t.tensor_type.name
+    out, k = (int(n) for n in reversed(t.shape.tolist()))
+    if k % _KEEP_BLOCK:
+        raise CheckpointError(f"{f.path}: tensor {name} ({kind}) has rows of {k}, not a multiple of {_KEEP_BLOCK}")
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(-1)
+    blocks = out * k // _KEEP_BLOCK
+    if raw.size != blocks * KEEP_TYPES[kind]:
+        raise CheckpointError(f"{f.path}: tensor {name} holds {raw.size} bytes, {kind} [{out}, {k}] needs "
+                              f"{blocks * KEEP_TYPES[kind]}; the file may be truncated or corrupt")
+    b = raw.reshape(blocks, KEEP_TYPES[kind])
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    zeros = None
+    if kind == "Q8_0":
+        codes = b[:, 2:].view(np.int8)
+    else:
+        qs = b[:, 4:] if kind == "Q4_1" else b[:, 2:]
+        codes = np.concatenate((qs & 15, qs >> 4), axis=1).astype(np.int8) - 8
+        if kind == "Q4_1":
+            zeros = torch.from_numpy(b[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * d).view(out, -1)
+    return (torch.from_numpy(np.ascontiguousarray(codes)).view(out, k), torch.from_numpy(d).view(out, -1), zeros)
+
+
+def _keep_config(f: _File, config: Config) -> Any:
+    """The ``QuantConfig`` a file's decoder matrices keep their blocks as (``quantize="keep"``); one clear error when
+    they are not all of one kind that maps onto the kernels. The LM head is kept when it is of that kind too (it
+    is often Q6_K in a Q4_0 file), else it loads as float."""
+    from lmforge.models.quant import QuantConfig
+
+    names = {gt.gguf for gt in _tensor_map(config) if gt.gguf.startswith("blk.") and gt.gguf.endswith(".weight")
+             and f.tensors.get(gt.gguf) is not None and len(f.tensors[gt.gguf].shape) == 2}
+    kinds = {f.tensors[n].tensor_type.name for n in names}
+    if len(kinds) != 1 or not kinds <= set(KEEP_TYPES):
+        counts = {k: sum(f.tensors[n].tensor_type.name == k for n in names) for k in sorted(kinds)}
+        held = ", ".join(f"{n} x {k}" for k, n in counts.items())
+        raise CheckpointError(f"{f.path}: quantize='keep' keeps matrices whose blocks lmforge's kernels run as they "
+                              f"are ({', '.join(KEEP_TYPES)}), all of one kind; this file's layer matrices are {held}. "
+                              "Load it with quantize=None (dequantized) or 'int8'/'int4' (re-quantized)")
+    kind = kinds.pop()
+    head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    lm_head = f.tensors[head].tensor_type.name == kind
+    if kind == "Q8_0":
+        return QuantConfig.make("int8", _KEEP_BLOCK, lm_head=lm_head)
+    return QuantConfig.make("int4", _KEEP_BLOCK, symmetric=kind == "Q4_0", lm_head=lm_head)
+
+
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> Transformer:
-    """Load a GGUF file into our Transformer, dequantizing every tensor to ``dtype``."""
+                    device: torch.device | str = "cpu", keep: bool = False) -> Transformer:
+    """Load a GGUF file into our Transformer, dequantizing every tensor to ``dtype``.
+
+    ``keep``: the decoder's matrices keep their Q8_0/Q4_0/Q4_1 blocks as codes for lmforge's CPU low-bit kernels
+    (``lmforge.models.quant``: Q8_0 -> int8 group 32, Q4_0 -> int4 group 32 symmetric, Q4_1 -> int4 group 32 with
+    zero points), never made float; embeddings, norms and a head of another type are dequantized. The block
+    scales are float16 in the file and bfloat16 in the kernels: each is rounded to the nearest bfloat16 (up to
+    2^-9 relative; the codes are exact), so logits differ slightly from the dequantized file's."""
     path = Path(path)
     device = pick_device(device)
     f = _File(path)
@@ -274,38 +336,73 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise CheckpointError(f"{path}: tensor {name} is stored as {t.tensor_type.name}, a GGUF type not "
                                   f"supported here; supported: {', '.join(SUPPORTED_TYPES)}")
+    quant = None
+    if keep:
+        from lmforge.models.quant import QuantizedLinear, quantizable_linears
+
+        if device.type != "cpu":
+            raise CheckpointError(f"{path}: quantize='keep' runs the file's blocks on the CPU low-bit kernels, not on "
+                                  f"{device}: load it with device='cpu', or without quantize= to dequantize")
+        quant = _keep_config(f, config)
     with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
+    kept_linears = {name for name, _, _ in quantizable_linears(model, quant)} if quant else set()
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for gt in _tensor_map(config):
         if gt.gguf not in f.tensors:
             raise CheckpointError(f"{path}: missing tensor {gt.gguf} (needed for {config.model_type} with "
                                   f"{config.num_layers} layers)")
-        tensor = _dequantize(f, gt.gguf)
         used.add(gt.gguf)
         sizes = [expected[o].shape[0] for o in gt.ours]
         want = (sum(sizes), *expected[gt.ours[0]].shape[1:])
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(f"{path}: tensor {gt.gguf} has shape {list(tensor.shape)}, expected {list(want)} "
+        shape = tuple(int(n) for n in reversed(f.tensors[gt.gguf].shape.tolist()))
+        if shape != want:
+            raise CheckpointError(f"{path}: tensor {gt.gguf} has shape {list(shape)}, expected {list(want)} "
                                   "from the file's metadata")
+        if all(o.removesuffix(".weight") in kept_linears for o in gt.ours):
+            parts = _kept_blocks(f, gt.gguf)
+            if gt.permute_heads:
+                parts = tuple(None if p is None else _permute_qk(p, gt.permute_heads, reverse=True) for p in parts)
+            for i, ours in enumerate(gt.ours):
+                kept[ours.removesuffix(".weight")] = tuple(  # type: ignore[assignment]
+                    None if p is None else p.split(sizes, dim=0)[i].contiguous() for p in parts)
+            continue
+        tensor = _dequantize(f, gt.gguf)
         if gt.permute_heads:
             tensor = _permute_qk(tensor, gt.permute_heads, reverse=True)
         if gt.plus_one:
             tensor = tensor - 1.0
         for ours, part in zip(gt.ours, tensor.split(sizes, dim=0)):
             state[ours] = part.to(dtype=dtype, device=device).contiguous()
+    head_kept = quant is not None and quant.lm_head
+    if head_kept and "lm_head" not in kept:  # tied: the embedding's blocks (llama.cpp runs the head on those)
+        head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+        used.add(head)
+        kept["lm_head"] = _kept_blocks(f, head)
     # llama.cpp's GPT-2 converter writes output.weight as a copy of the tied embedding: accept it as the head.
-    if config.tie_embeddings:
+    elif config.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     unexpected = sorted(set(f.tensors) - used)
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{path}: unexpected tensors for {config.model_type}: {', '.join(unexpected[:5])}{more}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
+    if quant is not None:
+        for name, parent, attr in quantizable_linears(model, quant):
+            codes, scales, zeros = kept.pop(name)
+            bias = state.pop(f"{name}.bias", None)
+            setattr(parent, attr, QuantizedLinear.from_codes(
+                codes, scales.to(torch.bfloat16), None if zeros is None else zeros.to(torch.bfloat16), bias, quant))
+    model.load_state_dict(state, strict=quant is None, assign=True)
+    if config.tie_embeddings and not head_kept:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quant is not None:
+        model.quantization = quant
+        left = sorted(n for n, t in model.state_dict().items() if t.is_meta)
+        if left:  # cannot happen for a file that passed the checks above; never run on uninitialised memory
+            raise CheckpointError(f"{path}: no weights for {', '.join(left[:3])}")
     eos = _eos_ids(f)
     if eos:  # generate() stops at the file's end-of-generation ids, as llama.cpp does
         model.generation_config = {"eos_token_id": eos if len(eos) > 1 else eos[0]}

@@ -28,7 +28,8 @@ from lmforge.models.config import Config, TextConfigView, _is_int
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
 from lmforge.models.vision import (VisionConfig, VisionLanguageModel, VisionTransformer, activation_from_hf,
-                                   activation_to_hf, hub_layout_name, vision_activation, vision_weight_map)
+                                   activation_to_hf, hub_layout_name, quantize_decoder, quantize_options,
+                                   vision_activation, vision_weight_map)
 
 # Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
 # language model's prefix); GPT-2 and OpenELM checkpoints are laid out differently and have no LLaVA variants.
@@ -292,10 +293,11 @@ def read_llava_config(path: str | os.PathLike) -> LlavaConfig:
 
 def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                quantize: object | None = None) -> LlavaForConditionalGeneration:
-    """A transformers ``LlavaForConditionalGeneration`` directory (any of its key layouts) as our model."""
-    if quantize is not None:
-        raise LmforgeError("quantize is not supported for LLaVA (vision-language) models yet")
+    """A transformers ``LlavaForConditionalGeneration`` directory (any of its key layouts) as our model.
+    ``quantize``: "int8" | "int4" | a ``QuantConfig``: the decoder's linears quantized as a text model's are
+    (``vision.quantize_decoder``); the vision tower and the projector stay float (they run once per image)."""
     device = pick_device(device)
+    quant = quantize_options(quantize, device)
     path = Path(path)
     config = read_llava_config(path)
     generation_config = read_generation_config(path)
@@ -315,7 +317,7 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     if generation_config is not None:
         model.generation_config = generation_config
-    return model.eval()
+    return model.eval() if quant is None else quantize_decoder(model, quant)
 
 
 __all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "LLAVA_TEXT_MODEL_TYPES", "load_llava",

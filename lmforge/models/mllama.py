@@ -38,7 +38,7 @@ from lmforge.models.config import Config, TextConfigView, _float, _int, _is_int,
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, CrossAttentionInputs, Hook, KVCache, Transformer, static_cache_of
 from lmforge.models.vision import (VisionBlock, VisionConfig, VisionLanguageModel, activation_from_hf,
-                                   activation_to_hf, hub_layout_name)
+                                   activation_to_hf, hub_layout_name, quantize_decoder, quantize_options)
 
 # transformers' MllamaTextConfig / MllamaVisionConfig defaults (Llama 3.2 11B Vision), for fields a config.json
 # leaves out.
@@ -553,10 +553,12 @@ def _check_cross_attention_layers(path: Path, config: MllamaConfig, names: set[s
 
 def load_mllama(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                 quantize: object | None = None) -> MllamaForConditionalGeneration:
-    """A transformers ``MllamaForConditionalGeneration`` directory (hub or in-memory key layout) as our model."""
-    if quantize is not None:
-        raise LmforgeError("quantize is not supported for mllama (vision-language) models yet")
+    """A transformers ``MllamaForConditionalGeneration`` directory (hub or in-memory key layout) as our model.
+    ``quantize``: "int8" | "int4" | a ``QuantConfig``: the decoder's linears quantized, the cross-attention layers'
+    with the rest (``vision.quantize_decoder``); the vision encoder and the projector stay float (they run once per
+    image)."""
     device = pick_device(device)
+    quant = quantize_options(quantize, device)
     path = Path(path)
     config = read_mllama_config(path)
     generation_config = read_generation_config(path)
@@ -572,7 +574,7 @@ def load_mllama(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     model.load_state_dict(state, strict=True, assign=True)
     if generation_config is not None:
         model.generation_config = generation_config
-    return model.eval()
+    return model.eval() if quant is None else quantize_decoder(model, quant)
 
 
 __all__ = ["EXTRA_INPUT_IDS", "tile_arrangements", "MllamaConfig", "MllamaVisionConfig", "MllamaForConditionalGeneration", "TiledVisionEncoder",

@@ -8,7 +8,9 @@ copy of the weight exists at run time. MoE routers stay float (tiny, and routing
 so do embeddings, norms and biases.
 
 Formats (``w`` the float weight, ``q`` the integer code, ``s`` the scale, ``z`` the zero):
-  - ``int8``: symmetric, one scale per output row: ``w = q * s``, q in [-127, 127], s = max|w| / 127.
+  - ``int8``: symmetric, one scale per output row (the default) or per group of ``group_size`` inputs (llama.cpp's
+    Q8_0 is group 32; what a GGUF file's Q8_0 blocks load as with ``quantize="keep"``): ``w = q * s``,
+    q in [-127, 127], s = max|w| / 127.
   - ``int4``: groups of ``group_size`` (32, 64, 128 or 256) consecutive inputs of a row, q in [-8, 7]. Symmetric
     (llama.cpp Q4_0's rule): ``w = q * s`` with s = m / -8 for the group's largest-magnitude value m, so m is
     exactly representable; with zero points (Q4_1-like, the default): ``w = q * s + z``, s = (max - min) / 15,
@@ -112,17 +114,15 @@ class QuantConfig:
              lm_head: bool = True) -> "QuantConfig":
         """A validated config; defaults: int8 symmetric, int4 group 32 with zero points."""
         fmt = check_format(format)
-        if fmt == "int8":
-            if group_size is not None:
-                raise LmforgeError(f"int8 has one scale per output channel; group_size={group_size} applies to "
-                                   "int4 only")
-            if symmetric is False:
-                raise LmforgeError("int8 is symmetric (one scale per output channel); zero points are for int4")
-            return cls("int8", None, True, bool(lm_head))
-        group_size = DEFAULT_INT4_GROUP_SIZE if group_size is None else group_size
-        if group_size not in INT4_GROUP_SIZES:
-            raise LmforgeError(f"int4 group size {group_size} is not supported; use one of "
+        if group_size is not None and group_size not in INT4_GROUP_SIZES:
+            raise LmforgeError(f"{fmt} group size {group_size} is not supported; use one of "
                                f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        if fmt == "int8":
+            if symmetric is False:
+                raise LmforgeError("int8 is symmetric (one scale per output channel or group); zero points are for "
+                                   "int4")
+            return cls("int8", None if group_size is None else int(group_size), True, bool(lm_head))
+        group_size = DEFAULT_INT4_GROUP_SIZE if group_size is None else group_size
         return cls("int4", int(group_size), False if symmetric is None else bool(symmetric), bool(lm_head))
 
     def to_json(self) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class QuantConfig:
 
     def describe(self) -> str:
         if self.format == "int8":
-            what = "int8 per output channel"
+            what = "int8 per output channel" if self.group_size is None else f"int8 group {self.group_size}"
         else:
             what = f"int4 group {self.group_size} {'symmetric' if self.symmetric else 'with zero points'}"
         return what + ("" if self.lm_head else ", LM head float")
@@ -156,7 +156,8 @@ def check_format(value: Any) -> str:
     if isinstance(value, str) and value in FORMATS:
         return value
     raise LmforgeError(f"quantize={value!r} is not a quantization format; use one of "
-                       f"{', '.join(map(repr, FORMATS))} (or None for float weights)")
+                       f"{', '.join(map(repr, FORMATS))} (or None for float weights; 'keep' for a GGUF file's own "
+                       "blocks)")
 
 
 def as_config(quantize: "str | QuantConfig") -> QuantConfig:
@@ -179,13 +180,15 @@ def _grouped(w: Tensor, group_size: int) -> Tensor:
     return F.pad(w.float(), (0, pad)).view(out, (k + pad) // group_size, group_size)
 
 
-def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(codes int8 [out, in] in [-127, 127], scales bf16 [out, 1]) with ``w ~= codes * scales``."""
-    w = w.float()
-    absmax = w.abs().amax(dim=1, keepdim=True)
+def quantize_int8(w: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(codes int8 [out, in] in [-127, 127], scales bf16 [out, groups]) with ``w ~= codes * scales``; one group
+    per row when ``group_size`` is None (llama.cpp's Q8_0 is ``group_size=32``)."""
+    out, k = w.shape
+    g = _grouped(w, group_size or k)
+    absmax = g.abs().amax(dim=-1, keepdim=True)
     scale = _bf16_ceil(torch.where(absmax > 0, absmax / 127, torch.full_like(absmax, _TINY)))
-    codes = torch.round(w / scale.float()).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
+    codes = torch.round(g / scale.float()).clamp_(-127, 127).view(out, -1)[:, :k].to(torch.int8)
+    return codes, scale.squeeze(-1)
 
 
 def quantize_int4(w: Tensor, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -261,6 +264,9 @@ def _pick_kernel(config: QuantConfig, kernel: str | None) -> str:
     kernel = kernel or DEFAULT_INT8_KERNEL
     if kernel not in INT8_KERNELS:
         raise LmforgeError(f"kernel {kernel!r} is not an int8 kernel; use one of {', '.join(INT8_KERNELS)}")
+    if kernel == "int8pack" and config.group_size is not None:
+        raise LmforgeError(f"the int8pack kernel has one scale per output channel; {config.describe()} runs on "
+                           "'int4x2'")
     return kernel
 
 
@@ -319,7 +325,8 @@ class QuantizedLinear(nn.Module):
             self.kernel_group = 0
             self.pad_k = _round_up(in_features, 16) - in_features
         else:
-            self.kernel_group = _largest_group(in_features) if kernel == "int4x2" else config.group_size
+            self.kernel_group = (config.group_size or _largest_group(in_features)) if kernel == "int4x2" \
+                else config.group_size
             self.pad_k = _round_up(in_features, self.kernel_group) - in_features
         self.n_padded = _round_up(out_features, _PACK_ROWS)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
@@ -332,7 +339,7 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, config: QuantConfig, kernel: str | None = None) -> "QuantizedLinear":
         w = linear.weight.detach()
         if config.format == "int8":
-            codes, scales = quantize_int8(w)
+            codes, scales = quantize_int8(w, config.group_size)
             zeros = None
         else:
             codes, scales, zeros = quantize_int4(w, config.group_size, config.symmetric)
@@ -358,10 +365,11 @@ class QuantizedLinear(nn.Module):
             high = torch.div(q, 16, rounding_mode="floor")
             low = q - 16 * high
             self.packed = _pack_int4(torch.cat((high + 8, low), dim=1))
-            s = F.pad(scales[:, 0].float(), (0, n_pad), value=1.0)  # padded rows: codes 0, any finite scale
-            groups = (k + self.pad_k) // group
-            high_sz = torch.stack((16 * s, torch.zeros_like(s)), dim=-1).expand(groups, -1, -1)
-            low_sz = torch.stack((s, 8 * s), dim=-1).expand(groups, -1, -1)
+            # per-channel scales [out, 1] repeat over the kernel's groups; grouped ones [out, groups] map one to one
+            s = F.pad(scales.float(), (0, 0, 0, n_pad), value=1.0).t()  # padded rows: codes 0, any finite scale
+            s = s.expand((k + self.pad_k) // group, -1)
+            high_sz = torch.stack((16 * s, torch.zeros_like(s)), dim=-1)
+            low_sz = torch.stack((s, 8 * s), dim=-1)
             self.kernel_scales = torch.cat((high_sz, low_sz), dim=0).to(torch.bfloat16).contiguous()
         else:
             u = F.pad(codes.to(torch.int32) + 8, (0, self.pad_k, 0, n_pad), value=8)  # code 0 in the padding
@@ -453,7 +461,8 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "int4x2":
             half = width // 2
             codes = (16 * (u[:, :k] - 8) + u[:, half:half + k]).to(torch.int8)
-            return codes, self.kernel_scales[-1, start:stop, 0][:, None], None
+            low = self.kernel_scales[self.kernel_scales.shape[0] // 2:, start:stop, 0]  # [groups, rows]
+            return codes, (low[-1:] if self.config.group_size is None else low).t(), None
         groups = -(-k // self.kernel_group)
         scales = self.kernel_scales[:groups, start:stop, 0].t()
         zeros = None if self.config.symmetric else self.kernel_scales[:groups, start:stop, 1].t()
@@ -501,14 +510,16 @@ class QuantizedLinear(nn.Module):
 # ---- whole models ------------------------------------------------------------------------------------------
 def quantizable_linears(model: nn.Module, config: QuantConfig) -> Iterator[tuple[str, nn.Module, str]]:
     """(qualified name, parent module, attribute) of every linear the config quantizes: attention and MLP
-    projections of every block (each expert's, in a MoE; not the router), and the LM head if ``config.lm_head``."""
-    from lmforge.models.model import MLP, Attention, MoE
+    projections of every block (each expert's, in a MoE; not the router; a cross-attention block's q/k/v/o, as in
+    Mllama's decoder), and the LM head if ``config.lm_head``."""
+    from lmforge.models.model import MLP, Attention, CrossAttention, CrossAttentionBlock, MoE
 
     for i, block in enumerate(model.model.layers):
-        attn = block.self_attn
-        if isinstance(attn, Attention):
+        where = "cross_attn" if isinstance(block, CrossAttentionBlock) else "self_attn"
+        attn = getattr(block, where)
+        if isinstance(attn, (Attention, CrossAttention)):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                yield f"model.layers.{i}.self_attn.{name}", attn, name
+                yield f"model.layers.{i}.{where}.{name}", attn, name
         mlps: list[tuple[str, nn.Module]] = []
         if isinstance(block.mlp, MoE):
             mlps = [(f"model.layers.{i}.mlp.experts.{e}", ex) for e, ex in enumerate(block.mlp.experts)]
@@ -629,9 +640,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, extra_files: Seque
 
     from lmforge.io import atomic_directory
 
+    from lmforge.models.model import Transformer
+
     config = quantization_of(model)
     if config is None:
         raise LmforgeError("save_quantized: the model is not quantized (use save_model)")
+    if not isinstance(model, Transformer):
+        raise CheckpointError(_NO_QUANTIZED_VLM)
     path = Path(path)
     state = quantized_state_dict(model)
     hf_config = model.config.to_hf()
@@ -691,7 +706,7 @@ def load_quantized(path: str | os.PathLike, config: Any, quant: QuantConfig, dty
     for name, parent, attr in list(quantizable_linears(model, quant)):
         linear = getattr(parent, attr)
         out, k = linear.out_features, linear.in_features
-        groups = 1 if quant.format == "int8" else -(-k // quant.group_size)
+        groups = 1 if quant.group_size is None else -(-k // quant.group_size)
         if quant.format == "int8":
             codes = _expect(tensors, f"{name}.qweight", path, torch.int8, (out, k))
         else:
@@ -734,6 +749,9 @@ def load_quantized(path: str | os.PathLike, config: Any, quant: QuantConfig, dty
 
 
 # ---- lmforge quantize ---------------------------------------------------------------------------------------
+_NO_QUANTIZED_VLM = ("quantized vision-language checkpoints cannot be written yet; keep the float checkpoint and load "
+                     "it with quantize='int8'|'int4' (or --quantize) instead")
+
 # The files of a model directory that are not weights or config and that chat/serve need beside the weights.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -741,9 +759,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def _quantize_args(p: Any) -> None:
     p.add_argument("path", help="a Hugging Face model directory (config.json + safetensors) with float weights")
-    p.add_argument("--to", required=True, choices=FORMATS, help="int8 (per output channel) or int4 (grouped)")
+    p.add_argument("--to", required=True, choices=FORMATS, help="int8 (per output channel, or grouped) or int4 (grouped)")
     p.add_argument("--group-size", type=int, default=None,
-                   help=f"int4 group size: {', '.join(map(str, INT4_GROUP_SIZES))} (default {DEFAULT_INT4_GROUP_SIZE})")
+                   help=f"group size: {', '.join(map(str, INT4_GROUP_SIZES))} (int4 default {DEFAULT_INT4_GROUP_SIZE}; "
+                        "int8 default: one scale per output channel)")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points (Q4_0-like)")
     p.add_argument("--float-lm-head", action="store_true", help="keep the LM head in float")
     p.add_argument("--out", required=True, help="the directory to write (replaced atomically if it exists)")
@@ -757,7 +776,12 @@ def _register() -> None:
     def quantize_cmd(args: Any) -> int:
         from lmforge.models.checkpoint import load_model
 
+        from lmforge.models.checkpoint import config_model_type
+        from lmforge.models.vision import VISION_LANGUAGE_MODEL_TYPES
+
         src, out = Path(args.path), Path(args.out)
+        if config_model_type(src) in VISION_LANGUAGE_MODEL_TYPES:  # before loading it only to refuse
+            raise LmforgeError(_NO_QUANTIZED_VLM)
         if out.resolve() == src.resolve():
             raise LmforgeError("--out must differ from the source directory (it would replace the float weights)")
         config = QuantConfig.make(args.to, args.group_size, True if args.symmetric else None,

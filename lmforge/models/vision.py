@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from lmforge.models.checkpoint import TensorMap
 from lmforge.models.config import _float, _int, _is_int, _is_number
 from lmforge.models.model import KVCache, Transformer
 from lmforge.models.model import activation as decoder_activation
+
+if TYPE_CHECKING:
+    from lmforge.models.quant import QuantConfig
 
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 # model_type of the vision-language models (config.json at the top of their directories)
@@ -322,7 +325,7 @@ def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> 
 
 __all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VISION_LANGUAGE_MODEL_TYPES", "VisionConfig", "VisionOutput",
            "VisionTransformer", "activation_from_hf",
-           "activation_to_hf", "vision_activation", "vision_weight_map"]
+           "activation_to_hf", "quantize_decoder", "vision_activation", "vision_weight_map"]
 
 
 class VisionLanguageModel(nn.Module):
@@ -345,6 +348,45 @@ class VisionLanguageModel(nn.Module):
     def aux_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:
         """The decoder's auxiliary loss of the last forward (MoE load balancing), as ``Transformer.aux_loss``."""
         return self.language_model.aux_loss(attention_mask)
+
+    @property
+    def quantization(self) -> QuantConfig | None:
+        """The decoder's ``QuantConfig`` when ``quantize_decoder`` quantized it (what
+        ``lmforge.models.quant.quantization_of`` reads), else None: read from the decoder, so it follows it (e.g.
+        through ``dequantize_model(model.language_model)``)."""
+        return getattr(self.language_model, "quantization", None)
+
+
+# ---- weight-only quantization of the decoder ------------------------------------------------------------------
+def quantize_options(quantize: Any, device: torch.device) -> QuantConfig | None:
+    """``load_llava``/``load_mllama``'s ``quantize=`` checked before anything is read: None, or its ``QuantConfig``
+    (one ``LmforgeError`` for an unknown format, or for a device the low-bit kernels do not run on)."""
+    if quantize is None:
+        return None
+    from lmforge.models.quant import as_config
+
+    config = as_config(quantize)
+    if device.type != "cpu":
+        raise LmforgeError(f"quantize ({config.describe()}): the low-bit kernels run on the CPU only, not on {device} "
+                           "(load the model with device='cpu')")
+    return config
+
+
+@torch.no_grad()
+def quantize_decoder(model: VisionLanguageModel, quantize: str | QuantConfig) -> VisionLanguageModel:
+    """Weight-only int8/int4 quantization (``lmforge.models.quant``) of a vision-language model's decoder, in place
+    (returns the model, in eval mode): the linears ``quantize_model`` quantizes in a text model (attention q/k/v/o
+    and MLP gate/up/down of every layer, every expert's in a MoE, and the LM head unless ``lm_head=False``) become
+    ``QuantizedLinear``; Mllama's cross-attention layers are quantized as the self-attention ones are (their
+    query and output projections run for every generated token; the key/value ones project the image states once).
+
+    The vision tower and the multimodal projector stay float: they run once per image, at the prefill, while
+    decoding reads every decoder weight once per token, which is the cost the low-bit kernels cut. ``model``'s
+    ``quantization`` then reports the config (``quantization_of(model)``). The kernels run on the CPU only."""
+    from lmforge.models.quant import quantize_model
+
+    quantize_model(model.language_model, quantize)
+    return model.eval()
 
 
 # transformers' names for a vision-language model's decoder, head and projector in the layouts it has used, rewritten

@@ -32,6 +32,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> Transformer:
         raise ConfigError(f"recipe field 'model.quantize' ({cfg.model.quantize}): the low-bit kernels are CPU "
                           f"kernels; train QLoRA with device: cpu (device {cfg.device!r} resolves to "
                           f"{pick_device(cfg.device)})")
+    vision_language = config_model_type(cfg.model.path) if cfg.model.quantize and cfg.model.path else None
+    if vision_language in VISION_LANGUAGE_MODEL_TYPES:
+        # load_model quantizes its decoder, but merging the adapters into a quantized vision-language model (at
+        # every checkpoint) is not supported: refused here, not after the first stretch of training
+        raise ConfigError(f"recipe field 'model.quantize' ({cfg.model.quantize}): QLoRA of a vision-language model "
+                          f"({vision_language}) is not supported yet; train LoRA over its float weights (drop "
+                          "model.quantize)")
     if cfg.model.path:
         return load_model(cfg.model.path, dtype=torch.float32, quantize=cfg.model.quantize)
     hf = dict(cfg.model.config or {})

@@ -100,7 +100,8 @@ def _encode(a: np.ndarray, qtype: str) -> np.ndarray:
     return raw.reshape(a.shape[0], -1)
 
 
-def _write_llama_cpp_style(hf, path, qtype: str) -> None:
+def _write_llama_cpp_style(hf, path, qtype: str, head_type: str | None = None) -> None:
+    """``head_type``: output.weight's type when it differs (llama.cpp's Q4_0 files hold a Q6_K head)."""
     c = hf.config
     family = "mistral" if c.model_type == "mistral" else c.model_type
     arch = "llama" if family in ("llama", "mistral") else family
@@ -148,10 +149,11 @@ def _write_llama_cpp_style(hf, path, qtype: str) -> None:
         if arch == "gemma2" and "norm" in name:
             a = a + 1.0
         gname = _llama_cpp_name(name, family)
-        if a.ndim == 2 and qtype not in ("F32", "F16"):
-            qt = getattr(gguf.GGMLQuantizationType, qtype)
-            w.add_tensor(gname, _encode(a, qtype), raw_dtype=qt)
-        elif a.ndim == 2 and qtype == "F16":
+        kind = head_type if head_type and gname == "output.weight" else qtype
+        if a.ndim == 2 and kind not in ("F32", "F16"):
+            qt = getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(gname, _encode(a, kind), raw_dtype=qt)
+        elif a.ndim == 2 and kind == "F16":
             w.add_tensor(gname, a.astype(np.float16))
         else:
             w.add_tensor(gname, a.astype(np.float32))
@@ -457,3 +459,87 @@ def test_export_refuses_what_gguf_cannot_hold(tmp_path):
     mixtral.save_pretrained(tmp_path / "moe")
     with pytest.raises(LmforgeError, match="mixtral models cannot be exported to GGUF"):
         save_gguf(load_model(tmp_path / "moe"), tmp_path / "moe.gguf")
+
+
+# ---- quantize="keep": the file's own blocks on the low-bit kernels ----------------------------------------------
+def _keep_tolerance(layer) -> torch.Tensor:
+    """Per-weight bound on |kept - dequantized file| from rounding each block's float16 scale (and Q4_1's zero) to
+    bfloat16 (2^-9 relative each): |code * scale| 2^-8 + |zero| 2^-8. A wrong code is off by a whole scale, which
+    this bound (at most a quarter of a scale for |code| <= 128 and a small zero) never covers."""
+    codes, scales, zeros = layer.codes()
+    group = layer.config.group_size
+    per = lambda t: t.float().repeat_interleave(group, dim=1)[:, :codes.shape[1]]  # noqa: E731
+    bound = (codes.float() * per(scales)).abs()
+    if zeros is not None:
+        bound = bound + per(zeros).abs()
+    return bound * 2 ** -8 + 1e-7
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2", "gemma2"])  # permuted, biased, fused, tied
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_keep_runs_the_files_blocks(family, qtype, tmp_path, monkeypatch):
+    from lmforge.models import gguf as ours_gguf
+    from lmforge.models.quant import QuantizedLinear, quantizable_linears
+
+    hf = hf_model(family)
+    path = tmp_path / f"{family}.{qtype}.gguf"
+    _write_llama_cpp_style(hf, path, qtype)
+    float_model = load_model(path)  # the dequantized file
+    made_float: list[str] = []
+    real = ours_gguf._dequantize
+    monkeypatch.setattr(ours_gguf, "_dequantize", lambda f, name: made_float.append(name) or real(f, name))
+    kept = load_model(path, quantize="keep")
+    # no layer matrix was ever dequantized: only embeddings (and 1-D tensors) were
+    assert all(not n.startswith("blk.") or n.endswith(("_norm.weight", ".bias", "norm.bias")) for n in made_float), \
+        made_float
+    want = {"Q8_0": ("int8", True), "Q4_0": ("int4", True), "Q4_1": ("int4", False)}[qtype]
+    assert (kept.quantization.format, kept.quantization.symmetric, kept.quantization.group_size) == (*want, 32)
+    assert kept.quantization.lm_head
+    names = [n for n, _, _ in quantizable_linears(kept, kept.quantization)]
+    per_layer = 6 if family == "gpt2" else 7  # GPT-2's MLP has no gate
+    assert "lm_head" in names and len(names) == 1 + per_layer * kept.config.num_layers
+    for name in names:
+        layer = kept.get_submodule(name)
+        assert isinstance(layer, QuantizedLinear), name
+        reference = float_model.get_submodule(name).weight.detach()
+        assert bool(((layer.weight - reference).abs() <= _keep_tolerance(layer)).all()), name
+    assert not isinstance(kept.model.embed_tokens, QuantizedLinear)
+    assert torch.equal(kept.model.embed_tokens.weight, float_model.model.embed_tokens.weight)
+    ids, mask = _batch()
+    a, b = _logits(kept, ids, mask), _logits(float_model, ids, mask)
+    # bfloat16 activations and scales: a few per cent of the logit range, and the same argmax nearly everywhere
+    assert _max_diff(a, b, mask) <= 0.05 * b.abs().max().item(), family
+    agree = ((a.argmax(-1) == b.argmax(-1)) | ~mask.bool()).float().mean().item()
+    assert agree >= 0.9
+
+
+def test_keep_loads_a_head_of_another_type_as_float_and_saves(tmp_path):
+    from lmforge import save_model
+    from lmforge.models.quant import QuantizedLinear
+
+    hf = hf_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    path = tmp_path / "llama.Q4_0.gguf"
+    _write_llama_cpp_style(hf, path, "Q4_0", head_type="Q6_K")
+    kept = load_model(path, quantize="keep")
+    assert kept.quantization.describe() == "int4 group 32 symmetric, LM head float"
+    assert isinstance(kept.model.layers[0].mlp.down_proj, QuantizedLinear)
+    assert not isinstance(kept.lm_head, QuantizedLinear)
+    assert torch.equal(kept.lm_head.weight, load_model(path).lm_head.weight)
+    save_model(kept, tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    assert again.quantization == kept.quantization
+    ids, mask = _batch()
+    assert torch.equal(_logits(kept, ids, mask), _logits(again, ids, mask))
+
+
+def test_keep_refuses_what_it_cannot_keep(tmp_path):
+    hf = hf_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    for qtype in ("F16", "Q5_0", "Q4_K"):
+        path = tmp_path / f"llama.{qtype}.gguf"
+        _write_llama_cpp_style(hf, path, qtype)
+        with pytest.raises(CheckpointError, match=f"quantize='keep' keeps matrices .* layer matrices are 7 x {qtype}. "
+                                                  "Load it with quantize=None"):
+            load_model(path, quantize="keep")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(LmforgeError, match="quantize='keep' keeps a GGUF file's own .* is not a .gguf file"):
+        load_model(tmp_path / "hf", quantize="keep")

@@ -22,12 +22,13 @@ pytest.importorskip("transformers")
 
 CONFIGS = {
     "int8": QuantConfig.make("int8"),
+    "int8 g32": QuantConfig.make("int8", 32),  # llama.cpp's Q8_0 layout
     "int4 g32 zero points": QuantConfig.make("int4", 32),
     "int4 g64 symmetric": QuantConfig.make("int4", 64, True),
     "int4 g128 zero points": QuantConfig.make("int4", 128),
 }
 # (config, kernel): every kernel the module can run
-KERNELS = [("int8", "int4x2"), ("int8", "int8pack"), ("int4 g32 zero points", None), ("int4 g64 symmetric", None),
+KERNELS = [("int8", "int4x2"), ("int8", "int8pack"), ("int8 g32", "int4x2"), ("int4 g32 zero points", None), ("int4 g64 symmetric", None),
            ("int4 g128 zero points", None)]
 
 
@@ -114,8 +115,24 @@ def test_bad_configs_are_named():
         QuantConfig.make("int4", 48)
     with pytest.raises(LmforgeError, match="int8 is symmetric"):
         QuantConfig.make("int8", symmetric=False)
-    with pytest.raises(LmforgeError, match="applies to int4 only"):
-        QuantConfig.make("int8", 32)
+    with pytest.raises(LmforgeError, match="int8 group size 48 is not supported"):
+        QuantConfig.make("int8", 48)
+    with pytest.raises(LmforgeError, match="int8pack kernel has one scale per output channel; int8 group 32"):
+        QuantizedLinear.from_linear(torch.nn.Linear(64, 64), QuantConfig.make("int8", 32), "int8pack")
+
+
+def test_int8_groups_by_hand():
+    w = torch.zeros(2, 64)
+    w[0, :32], w[0, 32:] = torch.linspace(-1, 1, 32), torch.linspace(-0.01, 0.02, 32)
+    w[1, 40] = 3.0
+    codes, scales = quantize_int8(w, 32)
+    assert scales.shape == (2, 2) and scales.dtype == torch.bfloat16
+    assert 0.02 / 127 <= scales[0, 1].float().item() < 0.02 / 127 * (1 + 2 ** -7)  # bfloat16, rounded up
+    assert codes[0, 63].item() in (126, 127) and codes[1, 40].item() in (126, 127) and codes[1, :32].abs().sum().item() == 0
+    # per-channel scales would have cost row 0's second group most of its resolution
+    err_group = (dequantize(codes, scales, group_size=32) - w)[0, 32:].abs().max()
+    err_row = (dequantize(*quantize_int8(w)) - w)[0, 32:].abs().max()
+    assert err_group < err_row / 20
 
 
 # ---- one layer through the kernels -----------------------------------------------------------------------------
@@ -135,7 +152,7 @@ def test_quantized_linear_matches_dequantized_float_matmul(name, kernel, shape):
     # rounding the output to bfloat16 costs up to 2^-9 relative; accumulation order adds a little
     assert bool(((y - ref).abs() <= ref.abs() * 2 ** -8 + 2e-3).all())
     codes, scales, zeros = q.codes()
-    expected = quantize_int8(linear.weight) if name == "int8" else quantize_int4(
+    expected = quantize_int8(linear.weight, CONFIGS[name].group_size) if name.startswith("int8") else quantize_int4(
         linear.weight, CONFIGS[name].group_size, CONFIGS[name].symmetric)
     assert torch.equal(codes, expected[0]) and torch.equal(scales, expected[1])  # read back from the packing
     assert (zeros is None) == (len(expected) == 2 or expected[2] is None)
@@ -198,7 +215,7 @@ def test_moe_experts_quantized_router_float(tmp_path):
     assert diff < 0.3
 
 
-@pytest.mark.parametrize("config", [QuantConfig.make("int8"), QuantConfig.make("int4", 32),
+@pytest.mark.parametrize("config", [QuantConfig.make("int8"), QuantConfig.make("int8", 64), QuantConfig.make("int4", 32),
                                     QuantConfig.make("int4", 64, True, lm_head=False)])
 @pytest.mark.parametrize("family", ["llama", "llama3_tied", "gpt2"])  # untied, tied, biases + Conv1D
 def test_save_reload_round_trip_is_exact(tmp_path, family, config):
