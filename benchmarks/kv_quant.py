@@ -105,11 +105,13 @@ def quickstart_accuracy(limit: int, block_sizes: list[int], residuals: tuple[int
                 cell = row[name] = {"exact_match": exact_match_accuracy(texts, answers)}
                 bpt = engine.kv_bytes_per_token()
                 float_bpt = float_bpt or bpt
-                # what these sequences' KV really took at their final length: whole blocks beyond the newest
-                # `residual` tokens (and the partly filled block) quantized, the rest float
-                lengths = [len(p) + len(i) for p, i in zip(prompts, ids)]
+                # what these sequences' KV really took at their final length (the last sampled token's KV is never
+                # written): every block holds its pool block, quantized or not, and the float-staged tokens (whole
+                # blocks within the newest `residual` and the partly filled one) a float slot on top
+                lengths = [len(p) + len(i) - 1 for p, i in zip(prompts, ids)]
                 quantized = [max(0, n // bs * bs - residual) if dt != "auto" else 0 for n in lengths]
-                spent = sum(q * bpt + (n - q) * float_bpt for q, n in zip(quantized, lengths))
+                spent = sum(-(-n // bs) * bs * bpt + (n - q) * float_bpt if dt != "auto" else n * bpt
+                            for q, n in zip(quantized, lengths))
                 cell["quantized_token_fraction"] = sum(quantized) / sum(lengths)
                 cell["tokens_per_kv_byte_vs_float"] = sum(lengths) * float_bpt / spent
                 if ref is None:

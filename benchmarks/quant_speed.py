@@ -197,6 +197,7 @@ def export_gguf_files(path: Path, float_model, out_dir: Path) -> dict[str, Path]
     A random-weight checkpoint has no tokenizer and llama.cpp loads no file without one: it gets a small byte-level
     BPE (the exporter pads the token list to the model's vocabulary); decode speed does not depend on it."""
     from lmforge.data.tokenizer import train_bpe_tokenizer
+    from lmforge.errors import LmforgeError
     from lmforge.models.gguf import _directory_tokenizer, save_gguf
 
     if (path / "tokenizer.json").is_file():
@@ -208,7 +209,13 @@ def export_gguf_files(path: Path, float_model, out_dir: Path) -> dict[str, Path]
     else:
         text = Path(json.__file__).read_text(encoding="utf-8")  # any text: a stdlib module
         tokenizer = train_bpe_tokenizer([text], min(512, float_model.config.vocab_size), min_frequency=1)
-    return {q: save_gguf(float_model, out_dir / f"{path.name}.{q}.gguf", q, tokenizer=tokenizer) for q in GGUF_TYPES}
+    files = {}
+    for q in GGUF_TYPES:
+        try:
+            files[q] = save_gguf(float_model, out_dir / f"{path.name}.{q}.gguf", q, tokenizer=tokenizer)
+        except LmforgeError as e:  # e.g. a model GGUF cannot describe: those rows are skipped, the rest runs
+            print(f"  GGUF {q} rows skipped: {e}")
+    return files
 
 
 def llama_cpp_runs(files: dict[str, Path], prompt: torch.Tensor, n: int, threads: int) -> dict:
@@ -237,7 +244,7 @@ def llama_cpp_runs(files: dict[str, Path], prompt: torch.Tensor, n: int, threads
                 token = int(llm.sample(temp=0.0))
                 out.append(token)
                 llm.eval([token])
-            return torch.tensor([ids + out])
+            return torch.tensor([out])  # the new tokens, as lmforge's and transformers' runs return them
 
         runs[f"llama.cpp {qtype.upper()}"] = run
     return runs

@@ -399,6 +399,11 @@ class _ImageTextProcessor:
         return self._encode([self.tokenizer.encode(self._prompt(t), add_special_tokens=add_special_tokens)
                              for t in texts], images)
 
+    def prompt_text(self, text: str) -> str:
+        """The text this processor tokenizes for a prompt (Mllama: its BOS after the leading image tokens, as
+        transformers' processor places it); what code that encodes prompts itself must start from."""
+        return self._prompt(text)
+
     def _prompt(self, text: str) -> str:
         return text
 
@@ -413,6 +418,11 @@ class _ImageTextProcessor:
     def image_inputs(self, rows: list[list[int]], images: Sequence[ImageInput]) -> dict[str, Tensor]:
         """The model's image tensors for padded, expanded ``rows`` holding one placeholder per image, in order."""
         raise NotImplementedError
+
+    def encode_ids(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
+        """Token-id rows holding one (unexpanded) placeholder per image, and the images in order -> the model's
+        left-padded tensors (what ``__call__`` and ``apply_chat_template`` return for text)."""
+        return self._encode(rows, images)
 
     def _encode(self, rows: list[list[int]], images: ImageInput | Sequence[ImageInput] | None) -> dict[str, Tensor]:
         images = self._checked_images(rows, images)

@@ -22,8 +22,10 @@ class Evaluator:
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16, limit: int | None = None,
                  bootstrap_iters: int = 1000, seed: int = 1234, max_length: int | None = None,
-                 log_samples: bool = False) -> None:
-        self.model, self.tokenizer = model, tokenizer
+                 log_samples: bool = False, processor: Any = None) -> None:
+        """``processor``: a vision-language model's (``lmforge.data.image_processor.load_processor``), which
+        tasks with images need."""
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.batch_size, self.limit, self.seed = batch_size, limit, seed
         self.bootstrap_iters, self.max_length, self.log_samples = bootstrap_iters, max_length, log_samples
 
@@ -32,7 +34,18 @@ class Evaluator:
         return range(len(task.docs) if self.limit is None else min(self.limit, len(task.docs)))
 
     def _context(self, task: Task, i: int) -> str:
-        return task.context(i, self.tokenizer)  # chat tasks go through the tokenizer's chat template
+        # chat tasks go through the tokenizer's chat template; a task with images places the processor's placeholder
+        if task.image is None or self.processor is None:
+            return task.context(i, self.tokenizer)
+        return self.processor.prompt_text(task.context(i, self.tokenizer, self.processor.image_token))
+
+    def _images(self, task: Task, indices: Sequence[int]) -> list[Any]:
+        from lmforge.data.image_processor import load_image
+
+        if self.processor is None:
+            raise LmforgeError(f"task {task.name} ({task.source}) has images (field 'image'): it needs a "
+                               "vision-language model (LLaVA, Mllama) and its processor")
+        return [load_image(task.image_path(task.docs[i])) for i in indices]
 
     def _stderr(self, values: Any, aggregate: Any = None) -> float:
         return scoring.bootstrap_stderr(values, aggregate, iters=self.bootstrap_iters, seed=self.seed)
@@ -55,7 +68,13 @@ class Evaluator:
             ctx, choices = self._context(task, i), task.choice_list(task.docs[i])
             spans.append((len(requests), len(choices)))
             requests += [(ctx, task.target_delimiter + c) for c in choices]
-        scores = scoring.loglikelihood(self.model, self.tokenizer, requests, self.batch_size, self.max_length)
+        if task.image is None:
+            scores = scoring.loglikelihood(self.model, self.tokenizer, requests, self.batch_size, self.max_length)
+        else:  # each doc's image once per choice, in request order
+            images = [img for (_, n), img in zip(spans, self._images(task, self._indices(task))) for _ in range(n)]
+            pairs = [scoring.encode_pair(self.tokenizer, c, x) for c, x in requests]
+            scores = scoring.loglikelihood_images(self.model, self.processor, pairs, images, self.batch_size,
+                                                  self.max_length)
         per_doc = {m: [] for m in task.metrics}
         for i, (first, n) in zip(self._indices(task), spans):
             doc = task.docs[i]
@@ -71,8 +90,15 @@ class Evaluator:
     def _generate(self, task: Task) -> tuple[dict, list]:
         idx = list(self._indices(task))
         prompts = [self._context(task, i) for i in idx]
-        outs = scoring.generate_texts(self.model, self.tokenizer, prompts, task.max_new_tokens, task.stop,
-                                      self.batch_size, task.temperature, self.seed)
+        if task.image is None:
+            outs = scoring.generate_texts(self.model, self.tokenizer, prompts, task.max_new_tokens, task.stop,
+                                          self.batch_size, task.temperature, self.seed)
+        else:
+            if task.temperature > 0:
+                raise LmforgeError(f"task {task.name}: tasks with images generate greedily (temperature 0), got "
+                                   f"temperature {task.temperature}")
+            outs = scoring.generate_with_images(self.model, self.processor, prompts, self._images(task, idx),
+                                                task.max_new_tokens, task.stop, self.batch_size)
         hits, samples = [], []
         for i, text in zip(idx, outs):
             ref, pred = str(task.docs[i][task.target]), task.extract(text)
@@ -140,8 +166,11 @@ def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: in
     which then records the options (``larger[chat=true]``)."""
     import torch
 
+    from lmforge.data.image_processor import load_processor
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models import load_model
+    from lmforge.models.checkpoint import config_model_type
+    from lmforge.models.vision import VISION_LANGUAGE_MODEL_TYPES
 
     if not model_paths:
         raise ConfigError("no model given")
@@ -152,10 +181,15 @@ def evaluate(model_paths: Sequence[str], task_names: Sequence[str], *, limit: in
         raise ConfigError(f"limit must be >= 1, got {limit}")
     results: dict[str, Any] = {}
     for path in model_paths:
+        vision = Path(path).is_dir() and config_model_type(path) in VISION_LANGUAGE_MODEL_TYPES
+        with_images = [t.name for t in tasks if t.image is not None]
+        if with_images and not vision:  # before loading the model
+            raise LmforgeError(f"task(s) {', '.join(with_images)} have images; {path} is not a vision-language model "
+                               f"({'/'.join(VISION_LANGUAGE_MODEL_TYPES)})")
         model = load_model(path, dtype=getattr(torch, dtype), device=device).eval()
         tokenizer = load_tokenizer(path)
         ev = Evaluator(model, tokenizer, batch_size=batch_size, limit=limit, bootstrap_iters=bootstrap_iters,
-                       seed=seed, log_samples=log_samples)
+                       seed=seed, log_samples=log_samples, processor=load_processor(path) if vision else None)
         label = _unique_label(str(path), results)
         results[label] = {}
         for task in tasks:

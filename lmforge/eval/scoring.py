@@ -124,6 +124,67 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[Pai
     return windows
 
 
+@torch.inference_mode()
+def loglikelihood_images(model: Any, processor: Any, requests: Sequence[Pair], images: Sequence[Any],
+                         batch_size: int = 16, max_length: int | None = None) -> list[tuple[float, bool]]:
+    """``loglikelihood_tokens`` for a vision-language model: each (context ids, continuation ids) pair's context
+    holds one image placeholder for its image in ``images``; the processor expands it and makes the image
+    tensors, the rows are left-padded, so every continuation ends its row. Nothing is truncated: a request
+    longer than ``max_length`` (after the image's expansion) is an error."""
+    max_length = max_length or model_max_length(model)
+    rows = []
+    for ctx, cont in requests:
+        if not cont:
+            raise LmforgeError("a continuation encodes to no tokens; nothing to score")
+        inp = (list(ctx) + list(cont))[:-1]
+        width = len(processor.expand(inp))
+        if width > max_length:
+            raise LmforgeError(f"a request of {width} tokens (its image expanded) exceeds max_length {max_length}")
+        rows.append((inp, list(cont)))
+    results: list[tuple[float, bool]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = processor.encode_ids([inp for inp, _ in chunk], list(images[start:start + batch_size]))
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logits = model(**batch)
+        width = logits.shape[1]
+        for r, (_, cont) in enumerate(chunk):
+            n = len(cont)
+            logp = F.log_softmax(logits[r, width - n:].float(), dim=-1)
+            target = torch.tensor(cont, device=logp.device)
+            results.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+    return results
+
+
+def generate_with_images(model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Any],
+                         max_new_tokens: int = 32, stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
+    """Greedy completions of ``prompts`` (each holding one image placeholder) with their images, through
+    ``lmforge.models.generate`` (the engine takes no images yet), cut at EOS and at the first stop string."""
+    from lmforge.models.generate import default_eos_ids, generate
+
+    tokenizer = processor.tokenizer
+    eos = list(dict.fromkeys([*tokenizer.eos_ids, *default_eos_ids(model)]))
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [tok_encode(tokenizer, p) for p in prompts[start:start + batch_size]]
+        batch = processor.encode_ids(rows, list(images[start:start + batch_size]))
+        width = batch["input_ids"].shape[1]
+        if width + max_new_tokens > model_max_length(model):
+            raise LmforgeError(f"a prompt of {width} tokens (its image expanded) + max_new_tokens {max_new_tokens} "
+                               f"exceeds the model's context ({model_max_length(model)} tokens)")
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids = batch.pop("input_ids")
+        tokens = generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos, **batch)  # new tokens only
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+            for s in stop:
+                if s and s in text:
+                    text = text[:text.index(s)]
+            out.append(text)
+    return out
+
+
 def loglikelihood_rolling(model: Any, tokenizer: Any, docs: Sequence[str], batch_size: int = 16,
                           max_length: int | None = None) -> list[float]:
     """Total log-likelihood of each document (natural log)."""

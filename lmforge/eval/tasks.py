@@ -18,6 +18,11 @@ A task file looks like::
 ``k``, ``timeout_s``, ``memory_mb`` and ``code_prefix`` (the template of the code the completion is
 appended to; default: the prompt).
 
+``image: FIELD`` (``generate`` and ``multiple_choice`` tasks) makes a task multimodal: the record field holds an image
+path relative to the data file, and the prompt holds the model's image placeholder before the text
+(``image_position: after`` puts it after); such a task runs on a vision-language model (LLaVA, Mllama) through its
+processor, and has no few-shot examples.
+
 ``chat: true`` renders the model input through the tokenizer's chat template
 (``apply_chat_template(..., add_generation_prompt=True)``): an optional ``system`` message, each few-shot
 example as a user turn and an assistant turn holding its answer, then the prompt as the last user turn.
@@ -65,7 +70,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 _KNOWN = {"name", "type", "data", "fewshot_data", "prompt", "choices", "target", "fewshot", "fewshot_seed",
           "fewshot_delimiter", "target_delimiter", "metrics", "answer_regex", "answer_pick", "max_new_tokens",
           "stop", "chat", "entry_point", "samples", "k", "timeout_s", "memory_mb", "temperature", "description",
-          "system", "code_prefix"}
+          "system", "code_prefix", "image", "image_position"}
 _NOT_PERPLEXITY = ("multiple_choice", "generate", "code")
 _GENERATIVE = ("generate", "code")
 # Fields a run may override (``--task-option``), and the task types each one means something for.
@@ -110,6 +115,8 @@ class Task:
     description: str = ""
     system: str | None = None  # chat tasks: a system message before the turns
     code_prefix: str | None = None  # code tasks: template of the code the completion continues (default: prompt)
+    image: str | None = None  # multimodal tasks: the record field holding an image path (relative to the data file)
+    image_position: Literal["before", "after"] = "before"  # where the image placeholder goes around the prompt
 
     # ---- prompts -------------------------------------------------------------------------------
     def render(self, doc: dict[str, Any]) -> str:
@@ -156,26 +163,47 @@ class Task:
             raise ConfigError(f"{self.source}: fewshot={self.fewshot} but only {len(pool)} examples available")
         return rng.sample(pool, self.fewshot)
 
-    def context(self, index: int, tokenizer: Any = None) -> str:
+    def context(self, index: int, tokenizer: Any = None, image_token: str | None = None) -> str:
         """The model input for ``docs[index]``: few-shot examples then its prompt, joined as lm-eval joins
-        them; for a chat task, :meth:`messages` rendered by ``tokenizer``'s chat template."""
+        them; for a chat task, :meth:`messages` rendered by ``tokenizer``'s chat template. A multimodal task's
+        prompt carries ``image_token`` (the model processor's placeholder) before or after its text."""
         if self.chat:
             if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
                 raise LmforgeError(f"task {self.name} ({self.source}) uses chat: true, which needs a tokenizer "
                                    "with a chat template")
-            return tokenizer.apply_chat_template(self.messages(index), add_generation_prompt=True, tokenize=False)
+            return tokenizer.apply_chat_template(self.messages(index, image_token), add_generation_prompt=True,
+                                                 tokenize=False)
         parts = [self.render(s) + self.target_delimiter + self.gold_text(s) for s in self.shots(index)]
-        parts.append(self.render(self.docs[index]))
+        parts.append(self._prompt_with_image(self.docs[index], image_token))
         return self.fewshot_delimiter.join(parts)
 
-    def messages(self, index: int) -> list[dict[str, str]]:
+    def messages(self, index: int, image_token: str | None = None) -> list[dict[str, str]]:
         """The chat of ``docs[index]``: system message, one user/assistant exchange per shot, the prompt."""
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         for shot in self.shots(index):
             msgs += [{"role": "user", "content": self.render(shot)},
                      {"role": "assistant", "content": self.gold_text(shot)}]
-        msgs.append({"role": "user", "content": self.render(self.docs[index])})
+        msgs.append({"role": "user", "content": self._prompt_with_image(self.docs[index], image_token)})
         return msgs
+
+    def _prompt_with_image(self, doc: dict[str, Any], image_token: str | None) -> str:
+        text = self.render(doc)
+        if self.image is None:
+            return text
+        if not image_token:
+            raise LmforgeError(f"task {self.name} ({self.source}) has images (field 'image'): it needs a "
+                               "vision-language model and its processor's image placeholder")
+        return image_token + text if self.image_position == "before" else text + image_token
+
+    def image_path(self, doc: dict[str, Any]) -> Path:
+        """A multimodal task's image file for ``doc`` (relative paths are relative to the data file)."""
+        return self.data_dir / str(_field(doc, self.image or "", self.source))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.source.parent / Path(self.data_file).parent
+
+    data_file: str = ""  # the data path as the task file names it (relative to the task file)
 
     def program_prefix(self, doc: dict[str, Any]) -> str:
         """Code tasks: the code a completion is appended to (``code_prefix``, else the prompt)."""
@@ -318,6 +346,15 @@ def load_task(path: str | Path, options: Mapping[str, Any] | None = None) -> Tas
     code_prefix = _typed(raw, "code_prefix", str, source, None)
     if code_prefix is not None and kind != "code":
         raise ConfigError(f"{source}: field 'code_prefix' is for code tasks only")
+    image = _typed(raw, "image", str, source, None)
+    if image is not None and kind not in ("generate", "multiple_choice"):
+        raise ConfigError(f"{source}: field 'image' is for generate and multiple_choice tasks, not {kind}")
+    if image is not None and fewshot:
+        raise ConfigError(f"{source}: a task with images (field 'image') takes no few-shot examples "
+                          f"(fewshot={fewshot})")
+    image_position = raw.get("image_position", "before")
+    if image_position not in ("before", "after"):
+        raise ConfigError(f"{source}: field 'image_position' must be 'before' or 'after', got {image_position!r}")
     name = str(raw["name"])
     if changed:
         name += "[" + ",".join(f"{k}={_option_text(v)}" for k, v in sorted(changed.items())) + "]"
@@ -341,7 +378,9 @@ def load_task(path: str | Path, options: Mapping[str, Any] | None = None) -> Tas
         timeout_s=float(_typed(raw, "timeout_s", (int, float), source, 5.0)),
         memory_mb=_typed(raw, "memory_mb", int, source, 512),
         description=_typed(raw, "description", str, source, ""), system=system, code_prefix=code_prefix,
+        image=image, image_position=image_position,
     )
+    task.data_file = str(raw["data"])
     _check_first_doc(task)
     return task
 
@@ -358,6 +397,11 @@ def _check_first_doc(task: Task) -> None:
         task.gold_index(doc)
     if task.type == "perplexity" and not isinstance(doc[task.target], str):
         raise ConfigError(f"{task.source}: field {task.target!r} must hold the document text")
+    if task.image is not None:  # every image, now: a missing file fails before any model runs
+        for n, d in enumerate(task.docs, 1):
+            if not task.image_path(d).is_file():
+                raise ConfigError(f"{task.source}: record {n} of {task.data_file}: image {task.image_path(d)} "
+                                  "does not exist")
     if task.fewshot and task.fewshot_docs is None and len(task.docs) <= task.fewshot:
         raise ConfigError(f"{task.source}: fewshot={task.fewshot} needs more than {task.fewshot} records "
                           "in the data file (or a fewshot_data file)")

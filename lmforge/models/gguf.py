@@ -327,7 +327,10 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     (``lmforge.models.quant``: Q8_0 -> int8 group 32, Q4_0 -> int4 group 32 symmetric, Q4_1 -> int4 group 32 with
     zero points), never made float; embeddings, norms and a head of another type are dequantized. The block
     scales are float16 in the file and bfloat16 in the kernels: each is rounded to the nearest bfloat16 (up to
-    2^-9 relative; the codes are exact), so logits differ slightly from the dequantized file's."""
+    2^-9 relative; the codes are exact), so logits differ slightly from the dequantized file's. Q4_1's zero point
+    m + 8d is rounded the same way, an error relative to |m + 8d|, not to the step d: small for blocks that
+    straddle zero (linear weights), but a block of values far from zero with a narrow range (e.g. all in
+    [1.03, 1.045]) can be off by a few steps; load such a file without ``quantize=`` to get its exact values."""
     path = Path(path)
     device = pick_device(device)
     f = _File(path)

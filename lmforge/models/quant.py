@@ -533,6 +533,15 @@ def quantizable_linears(model: nn.Module, config: QuantConfig) -> Iterator[tuple
         yield "lm_head", model, "lm_head"
 
 
+def _vision_language_decoder(model: nn.Module) -> nn.Module | None:
+    """A vision-language model's decoder (LLaVA, Mllama: ``language_model``), which is what gets quantized; None
+    for a text model."""
+    from lmforge.models.model import Transformer
+
+    decoder = getattr(model, "language_model", None)
+    return decoder if isinstance(decoder, Transformer) and not isinstance(model, Transformer) else None
+
+
 def quantization_of(model: nn.Module) -> QuantConfig | None:
     """The model's ``QuantConfig`` if ``quantize_model`` (or loading a quantized checkpoint) made it, else None."""
     q = getattr(model, "quantization", None)
@@ -556,6 +565,10 @@ def quantize_model(model: nn.Module, quantize: "str | QuantConfig" = "int8", gro
     A model on the meta device gets ``QuantizedLinear.empty`` layers: the structure a quantized model's state dict
     loads into (``load_state_dict(..., assign=True)``).
     """
+    decoder = _vision_language_decoder(model)
+    if decoder is not None:  # a vision-language model: its decoder (the vision side runs once per image)
+        quantize_model(decoder, quantize, group_size, symmetric, lm_head, kernel)
+        return model.eval()
     config = quantize if isinstance(quantize, QuantConfig) else QuantConfig.make(
         check_format(quantize), group_size, symmetric, lm_head)
     existing = quantization_of(model)
@@ -584,6 +597,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     dtype, and forget the quantization (in place; returns the model): the float model that the quantized one
     computes, up to the kernels' bfloat16 rounding of activations. It undoes ``quantize_model`` except for the
     rounding of the weights, and costs what a float model costs."""
+    decoder = _vision_language_decoder(model)
+    if decoder is not None:
+        dequantize_model(decoder)
+        return model
     dtype = model.model.embed_tokens.weight.dtype
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantizedLinear):

@@ -129,7 +129,8 @@ def test_builtin_tasks_load():
             "code_chat"} <= set(names)
     for name in names:
         task = resolve_task(name)
-        assert task.docs and task.context(0, ChatMLTokenizer()) is not None
+        image_token = "<image>" if task.image is not None else None  # the shapes tasks: a processor's placeholder
+        assert task.docs and task.context(0, ChatMLTokenizer(), image_token) is not None
     # the toy tasks' prompts are what they were
     assert resolve_task("larger").context(0) == ("Which is larger, 46 or 4?\nAnswer: 46\n\nWhich is larger, 64 or 70?"
                                                  "\nAnswer: 70\n\nWhich is larger, 55 or 78?\nAnswer: 78\n\n"

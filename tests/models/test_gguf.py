@@ -465,7 +465,8 @@ def test_export_refuses_what_gguf_cannot_hold(tmp_path):
 def _keep_tolerance(layer) -> torch.Tensor:
     """Per-weight bound on |kept - dequantized file| from rounding each block's float16 scale (and Q4_1's zero) to
     bfloat16 (2^-9 relative each): |code * scale| 2^-8 + |zero| 2^-8. A wrong code is off by a whole scale, which
-    this bound (at most a quarter of a scale for |code| <= 128 and a small zero) never covers."""
+    this bound (at most half a scale for |code| <= 128, plus a zero that is small for these zero-straddling random
+    weights) does not cover."""
     codes, scales, zeros = layer.codes()
     group = layer.config.group_size
     per = lambda t: t.float().repeat_interleave(group, dim=1)[:, :codes.shape[1]]  # noqa: E731

@@ -237,3 +237,15 @@ def test_saving_a_quantized_vlm_is_refused(vlm, tmp_path, capsys):
 
     assert main(["quantize", str(path), "--to", "int4", "--out", str(tmp_path / "q4")]) == 2
     assert "vision-language" in capsys.readouterr().err and not (tmp_path / "q4").exists()
+
+
+def test_dequantize_and_requantize_a_vlm_work_on_its_decoder(vlm):
+    _, path = vlm
+    model = load_model(path, quantize="int8")
+    assert dequantize_model(model) is model and quantization_of(model) is None
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    from lmforge.models.quant import quantize_model
+
+    assert quantize_model(model, "int4") is model and quantization_of(model).format == "int4"
+    assert not any(isinstance(m, QuantizedLinear) for m in model.vision_tower.modules()) if hasattr(
+        model, "vision_tower") else True

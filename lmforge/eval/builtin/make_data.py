@@ -34,12 +34,36 @@ def heldout() -> list[dict]:
             for name in HELDOUT_FILES]
 
 
+def shapes(n: int, seed: int) -> None:
+    """``shapes/``: held-out drawn-shapes VQA (``lmforge.data.shapes``, 48 px, the quickstart-vision setting; another
+    seed than its data) as flat records: image path, question, answer, question type and the type's choices."""
+    import json
+    import shutil
+    import tempfile
+
+    from lmforge.data.shapes import ANSWERS, write_shapes_dataset
+
+    out = HERE / "shapes"
+    with tempfile.TemporaryDirectory() as tmp:
+        made = write_shapes_dataset(tmp, n_train=0, n_test=n, seed=seed)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(made["images"] / "test", out / "images")
+        records = []
+        for line in made["test"].read_text().splitlines():
+            rec = json.loads(line)
+            records.append({"image": rec["images"][0].removeprefix("test/").replace("images/test/", "images/"),
+                            "question": rec["messages"][0]["content"][0]["text"], "answer": rec["answer"],
+                            "type": rec["type"], "choices": list(ANSWERS[rec["type"]])})
+    write_jsonl(records, out / "shapes.jsonl")
+
+
 def main() -> None:
     write_jsonl(arithmetic(100, seed=9001), HERE / "arithmetic.jsonl")
     write_jsonl(arithmetic(20, seed=9002), HERE / "arithmetic_fewshot.jsonl")
     write_jsonl(larger(100, seed=9003), HERE / "larger.jsonl")
     write_jsonl(larger(20, seed=9004), HERE / "larger_fewshot.jsonl")
     write_jsonl(heldout(), HERE / "stdlib_heldout.jsonl")
+    shapes(150, seed=9005)
 
 
 if __name__ == "__main__":
