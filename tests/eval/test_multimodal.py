@@ -20,8 +20,7 @@ from lmforge.models.generate import default_eos_ids, generate
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
-from ..models import test_llava as llava_tests  # noqa: E402 - the tiny random models, their processors, tokenizers
-from ..models import test_mllama as mllama_tests  # noqa: E402
+from ..models.test_quant_vlm import save_tiny_vlm  # noqa: E402 - the tiny random VLMs with processor + tokenizer
 
 KINDS = ("llava", "mllama")
 
@@ -33,17 +32,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module", params=KINDS)
 def vlm_dir(request, tmp_path_factory):
-    kind = request.param
-    path = tmp_path_factory.mktemp(f"eval_{kind}")
-    if kind == "llava":
-        llava_tests.build_hf_llava("clip_llama").save_pretrained(path)
-        llava_tests.hf_image_processor("clip").save_pretrained(path)
-        llava_tests.write_tokenizer(path)
-    else:
-        mllama_tests.build_hf_mllama().save_pretrained(path)
-        mllama_tests.hf_image_processor().save_pretrained(path)
-        mllama_tests.write_tokenizer(path)
-    return path
+    return save_tiny_vlm(request.param, tmp_path_factory.mktemp(f"eval_{request.param}"))
 
 
 def write_task(tmp_path, kind: str = "multiple_choice", n: int = 4, **fields) -> tuple:

@@ -37,7 +37,12 @@ def vlm(request, tmp_path_factory):
     """(kind, directory): a tiny random checkpoint with its image processor and tokenizer, as the VLM tests build
     them (LLaVA: CLIP tower + Llama decoder of 2 layers; Mllama: 4 layers, cross-attention at 1 and 3)."""
     kind = request.param
-    path = tmp_path_factory.mktemp(f"quant_{kind}")
+    return kind, save_tiny_vlm(kind, tmp_path_factory.mktemp(f"quant_{kind}"))
+
+
+def save_tiny_vlm(kind: str, path):
+    """A tiny random LLaVA or Mllama directory with its image processor and word-level tokenizer (also the eval
+    tests' subjects)."""
     if kind == "llava":
         llava_tests.build_hf_llava("clip_llama").save_pretrained(path)
         llava_tests.hf_image_processor("clip").save_pretrained(path)
@@ -46,7 +51,7 @@ def vlm(request, tmp_path_factory):
         mllama_tests.build_hf_mllama().save_pretrained(path)
         mllama_tests.hf_image_processor().save_pretrained(path)
         mllama_tests.write_tokenizer(path)
-    return kind, path
+    return path
 
 
 def image_inputs(kind: str, model) -> dict[str, torch.Tensor]:
