@@ -11,6 +11,7 @@ its caller only once); ``stream`` is the one-request version of that loop.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from lmforge.data.tokenizer import IncrementalDecoder
 from lmforge.errors import LmforgeError
@@ -102,7 +104,7 @@ class Engine:
         from lmforge.models.checkpoint import load_model
 
         # device None: a model object stays where it is; a checkpoint loads on the CPU.
-        if isinstance(model_or_path, Transformer):
+        if isinstance(model_or_path, nn.Module):
             model = model_or_path if device is None else model_or_path.to(pick_device(device))
         else:
             model = load_model(model_or_path, dtype=dtype, device=device or "cpu")
@@ -110,6 +112,18 @@ class Engine:
                 from lmforge.data.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(model_or_path)
+        # A LLaVA-style model: the engine runs its language model; the vision tower and projector turn a request's
+        # images into features once, when it is added, and the runner splices them in at the image tokens.
+        self.vision_model = None
+        if not isinstance(model, Transformer):
+            decoder = getattr(model, "language_model", None)
+            if isinstance(decoder, Transformer) and decoder.config.cross_attention_layers:
+                raise LmforgeError("Mllama-style cross-attention models do not run in the paged engine yet (their "
+                                   "image keys/values are per sequence, not paged); use lmforge.models.generate")
+            if not isinstance(decoder, Transformer) or not hasattr(model, "image_features"):
+                raise LmforgeError(f"the engine runs decoder models and LLaVA-style vision-language models, not a "
+                                   f"{type(model).__name__}")
+            self.vision_model, model = model.eval(), decoder
         self.model = model.eval()
         self.draft = None
         if draft_model is not None:
@@ -237,9 +251,12 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, grammar: object = None) -> str:
+                    request_id: str | None = None, grammar: object = None,
+                    pixel_values: torch.Tensor | None = None) -> str:
         """Queue a request; its id. ``grammar``: ``params.grammar`` already compiled
-        (``grammar_backend().compile_async``), so this call does not compile it (compiling can take seconds)."""
+        (``grammar_backend().compile_async``), so this call does not compile it (compiling can take seconds).
+        ``pixel_values`` [images, 3, H, W] (a LLaVA-style model's processor's): the prompt holds each image's
+        placeholder already expanded (``processor.expand``), one run of image tokens per image, in order."""
         params = (params or SamplingParams()).validate()
         if params.steering is not None:  # a vector made for another model: one clear error, not a shape error
             name = params.steering.name
@@ -266,8 +283,15 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise LmforgeError(f"request id {request_id!r} is already in use")
+        images = self._image_features(prompt_ids, pixel_values) if (
+            pixel_values is not None or self.vision_model is not None) else None
+        if images is not None and self.draft is not None:
+            raise LmforgeError("requests with images cannot use speculative decoding (the draft model sees no images)")
         seqs = [Sequence(next(self._ids), request_id, i, prompt_ids, params, self.model.device)
                 for i in range(params.n)]
+        if images is not None:
+            for seq in seqs:
+                seq.set_images(*images)
         if self.tokenizer is not None:
             for seq in seqs:
                 seq.detokenizer = self._detokenizer()
@@ -302,6 +326,32 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @torch.inference_mode()
+    def _image_features(self, prompt_ids: list[int], pixel_values: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """(image token positions, their features, a key of the pixels) for a request; None for a text-only one.
+        The image token count must be images x tokens per image: one clear error otherwise."""
+        vision = self.vision_model
+        if vision is None:
+            raise LmforgeError("pixel_values were given but the engine's model is a text-only model")
+        image_token = vision.config.image_token_id
+        positions = torch.tensor([i for i, t in enumerate(prompt_ids) if t == image_token], dtype=torch.long)
+        if pixel_values is None:
+            if len(positions):
+                raise LmforgeError(f"the prompt holds {len(positions)} image tokens (id {image_token}) but no "
+                                   "pixel_values were given")
+            return None
+        if pixel_values.dim() != 4:
+            raise LmforgeError(f"pixel_values must be [images, channels, height, width], got {list(pixel_values.shape)}")
+        per_image = vision.config.num_image_tokens
+        if len(positions) != pixel_values.shape[0] * per_image:
+            raise LmforgeError(f"the prompt holds {len(positions)} image tokens but {pixel_values.shape[0]} image(s) "
+                               f"need {pixel_values.shape[0] * per_image} ({per_image} each): expand the placeholders "
+                               "with the model's processor")
+        features = vision.image_features(pixel_values.to(vision.device)).flatten(0, 1).to(self.model.dtype)
+        key = hashlib.sha256(pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+        return positions, features, key
+
     # ---- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs (cumulative, with deltas) of the requests that gained tokens."""
@@ -318,7 +368,8 @@ class Engine:
             if j in drafts:  # the target scores the pending token and every guess: k + 1 distributions
                 feeds.append(Feed(tokens + drafts[j][0], start, seq.block_table, 1 + len(drafts[j][0])))
             else:
-                feeds.append(Feed(tokens, start, seq.block_table, int(item.samples), seq.params.steering))
+                feeds.append(Feed(tokens, start, seq.block_table, int(item.samples), seq.params.steering,
+                                  seq.image_rows(start, len(tokens))))
         logits = self.runner.run(feeds)
         self.scheduler.postprocess(batch)
         self.stats["steps"] += 1

@@ -41,6 +41,8 @@ class Feed:
     block_table: list[int]
     num_logits: int = 1
     steering: Steering | None = None  # added to this feed's rows only
+    # image features spliced in (LLaVA): (offsets into ``tokens`` [k], their embeddings [k, hidden]); None: text only
+    image_rows: tuple[Tensor, Tensor] | None = None
 
 
 class _Chunk:
@@ -177,7 +179,26 @@ class ModelRunner:
                          torch.tensor(decode_rows, **to), padded.to(device), valid.to(device), (lens - 1).to(device),
                          chunks)
         hooks = self._steering_hooks(feeds, len(ids))
-        return model(input_ids, cache=step, logits_to_keep=torch.tensor(rows, **to), hooks=hooks)[0].float()
+        return model(**self._inputs(input_ids, feeds), cache=step, logits_to_keep=torch.tensor(rows, **to),
+                     hooks=hooks)[0].float()
+
+    def _inputs(self, input_ids: Tensor, feeds: list[Feed]) -> dict[str, Tensor]:
+        """``input_ids`` [1, T], or, when a feed carries image rows, ``inputs_embeds`` [1, T, hidden]: the tokens'
+        embeddings (times the family's multiplier, as the model would scale them) with those rows replaced by
+        the image features, as ``LlavaForConditionalGeneration.embed`` splices them."""
+        if all(f.image_rows is None for f in feeds):
+            return {"input_ids": input_ids}
+        model = self.model
+        x = model.model.embed_tokens(input_ids)
+        if model.config.embedding_multiplier != 1.0:
+            x = x * torch.tensor(model.config.embedding_multiplier, dtype=x.dtype)
+        row = 0
+        for f in feeds:
+            if f.image_rows is not None:
+                offsets, embeds = f.image_rows
+                x[0, row + offsets.to(x.device)] = embeds.to(device=x.device, dtype=x.dtype)
+            row += len(f.tokens)
+        return {"inputs_embeds": x}
 
     def _steering_hooks(self, feeds: list[Feed], num_rows: int) -> dict[str, Hook] | None:
         """Hooks adding each steered feed's vector to its own rows of the packed step; None if none steers."""
@@ -479,7 +500,8 @@ class QuantizedModelRunner(ModelRunner):
             torch.tensor(list(slot_quant), **to), torch.tensor(list(slot_quant.values()), **to),
             torch.tensor(chunk_quant, **to))
         hooks = self._steering_hooks(feeds, len(ids))
-        out = model(torch.tensor(ids, **to)[None], cache=step, logits_to_keep=torch.tensor(rows, **to), hooks=hooks)
+        out = model(**self._inputs(torch.tensor(ids, **to)[None], feeds), cache=step,
+                    logits_to_keep=torch.tensor(rows, **to), hooks=hooks)
         for b in slot_quant:  # read by every layer of this step; free now that each has quantized it
             self._release(b)
         return out[0].float()

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models.steering import Steering
@@ -148,6 +149,9 @@ class Sequence:
         prompt = tuple(self.prompt_ids)
         self.prompt_key = hash((self.cache_salt, prompt) if self.cache_salt else prompt)
         self.output_ids: list[int] = []
+        # LLaVA-style images: the prompt positions of the image tokens and their features [k, hidden] (set_images)
+        self.image_positions: Tensor | None = None
+        self.image_embeds: Tensor | None = None
         self.params = params
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -168,6 +172,23 @@ class Sequence:
         self.thinking: ThinkingState | None = None  # budget forcing: set by the engine from the request's budget
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed + index)
+
+    def set_images(self, positions: Tensor, embeds: Tensor, key: str) -> None:
+        """The prompt's image features: ``embeds`` [k, hidden] at prompt ``positions`` [k]. ``key`` (a hash of
+        the pixels) salts the prefix-cache hashes and the prompt key: equal images and text share KV blocks,
+        different images never do (nor their text blocks before the image: a coarser key than vLLM's per block)."""
+        self.image_positions, self.image_embeds = positions, embeds
+        self.cache_salt = f"{self.cache_salt or ''}|image:{key}"
+        self.prompt_key = hash((self.cache_salt, tuple(self.prompt_ids)))
+
+    def image_rows(self, start: int, n: int) -> tuple[Tensor, Tensor] | None:
+        """(offsets in [0, n), features) of the image tokens among positions [start, start + n); None if none."""
+        if self.image_positions is None:
+            return None
+        inside = (self.image_positions >= start) & (self.image_positions < start + n)
+        if not bool(inside.any()):
+            return None
+        return self.image_positions[inside] - start, self.image_embeds[inside]
 
     @property
     def tokens(self) -> list[int]:

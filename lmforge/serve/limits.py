@@ -28,6 +28,9 @@ class ServerLimits:
     max_messages: int = _limit(1024, "most messages in a chat request (and text parts in one message)")
     max_prompt_chars: int = _limit(1_000_000, "most characters in a prompt, or in all messages' content together "
                                               "(also the most token ids in a prompt given as ids)")
+    max_images: int = _limit(4, "most images in a chat request (image_url parts; vision-language models only)")
+    max_image_pixels: int = _limit(4096 * 4096, "largest image, in pixels (width x height), checked before it is "
+                                                "decoded")
     max_stop: int = _limit(16, "most stop strings in a request")
     max_stop_chars: int = _limit(256, "longest stop string, in characters")
     max_schema_bytes: int = _limit(32 << 10, "largest JSON schema (compact JSON) or guided_regex, in bytes")

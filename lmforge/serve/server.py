@@ -77,13 +77,14 @@ class AsyncEngine:
                 except queue.Empty:
                     break
                 if kind == "add":
-                    request_id, prompt, params, grammar = args
+                    request_id, prompt, params, grammar, pixel_values = args
                     if self._drain_deadline is not None:  # shutting down: take no new work
                         self._deliver(request_id, ShuttingDown("the server is shutting down"))
                         continue
                     try:
                         # grammar: compiled ahead by the handler, so this thread never waits on a compile
-                        self.engine.add_request(prompt, params, request_id=request_id, grammar=grammar)
+                        self.engine.add_request(prompt, params, request_id=request_id, grammar=grammar,
+                                                pixel_values=pixel_values)
                     except Exception as e:  # a bad request must never take the engine thread down
                         self._deliver(request_id, e if isinstance(e, LmforgeError) else RuntimeError(str(e)))
                 else:
@@ -140,13 +141,14 @@ class AsyncEngine:
             self.listeners.pop(request_id, None)
 
     async def submit(self, prompt: str | list[int], params: SamplingParams,
-                     grammar: Any = None) -> AsyncIterator[RequestOutput]:
+                     grammar: Any = None, pixel_values: Any = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them; closing the iterator early aborts it.
-        ``grammar``: the request's compiled grammar (``GrammarBackend.compile_async``), if it has one."""
+        ``grammar``: the request's compiled grammar (``GrammarBackend.compile_async``), if it has one.
+        ``pixel_values``: its images (a LLaVA-style model's processor's tensor)."""
         request_id = uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self.listeners[request_id] = (asyncio.get_running_loop(), q)
-        self.commands.put(("add", (request_id, prompt, params, grammar)))
+        self.commands.put(("add", (request_id, prompt, params, grammar, pixel_values)))
         self._wake.set()
         finished = False
         try:
@@ -275,12 +277,23 @@ class RequestModels:
             type: Literal["text"]
             text: Annotated[Text, Field(max_length=lim.max_prompt_chars)]
 
+        class ImageURL(BaseModel):
+            model_config = ConfigDict(extra="ignore", strict=True)
+            url: Annotated[str, Field(max_length=lim.max_body_bytes)]
+            detail: str | None = None
+
+        class ImagePart(BaseModel):
+            model_config = ConfigDict(extra="ignore", strict=True)
+            type: Literal["image_url"]
+            image_url: ImageURL
+
         class ChatMessage(BaseModel):
             model_config = ConfigDict(extra="ignore", strict=True)
             role: Literal["system", "user", "assistant", "tool", "developer"]
-            # only text parts: this server has no image/audio input
+            # text parts, and images as data: URLs for a vision-language model (no audio)
             content: (Annotated[Text, Field(max_length=lim.max_prompt_chars)]
-                      | Annotated[list[TextPart], Field(max_length=lim.max_messages)] | None) = None
+                      | Annotated[list[Annotated[TextPart | ImagePart, Field(discriminator="type")]],
+                                  Field(max_length=lim.max_messages)] | None) = None
 
         class ChatRequest(_Common):
             messages: list[ChatMessage] = Field(
@@ -403,7 +416,39 @@ def _params(req: BaseModel, logprobs: int | None, max_tokens: int, limits: Serve
 def _content_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(part.text for part in content)
+    return "".join(part.text for part in content if part.type == "text")
+
+
+def _decode_image(url: str, max_pixels: int, index: int) -> Any:
+    """A chat request's ``image_url`` as a PIL image: data URLs only (``data:image/...;base64,...``); anything else,
+    a corrupt payload, a non-image, or one over ``max_pixels`` is an ``APIError`` 400 naming the image."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"image {index}"
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, f"{where}: image_url must be a data: URL (data:image/png;base64,...); this server "
+                            "fetches nothing from the network", "messages")
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise APIError(400, f"{where}: image_url must be a base64 data URL of an image (data:image/<type>;base64,"
+                            f"...), got one starting {url[:30]!r}", "messages")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: the data URL's base64 payload is corrupt", "messages") from None
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only: the size is known before any decoding
+        if image.width * image.height > max_pixels:
+            raise APIError(400, f"{where} is {image.width}x{image.height} pixels; this server takes at most "
+                                f"{max_pixels} pixels per image", "messages")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise APIError(400, f"{where}: not a readable image ({type(e).__name__}: {e})", "messages") from None
+    return image
 
 
 # ---- the guard in front of the app ---------------------------------------------------------------------
@@ -579,10 +624,11 @@ def _h11_with_head_timeout(seconds: float) -> type:
 def build_app(engine: Engine, model_name: str, api_key: str | None = None,
               clock: Callable[[], float] = time.monotonic,
               steering_vectors: dict[str, SteeringVector] | None = None,
-              limits: ServerLimits | None = None) -> FastAPI:
+              limits: ServerLimits | None = None, processor: Any = None) -> FastAPI:
     """The app; ``app.state.runner.drain(seconds)`` starts a graceful shutdown (``serve`` does on SIGTERM).
     ``steering_vectors``: name -> vector, what a request's ``"steering": {"name", "scale"}`` may pick.
-    ``limits``: the per-request bounds (default ``ServerLimits()``)."""
+    ``limits``: the per-request bounds (default ``ServerLimits()``). ``processor``: a LLaVA-style model's
+    (``lmforge.data.image_processor.load_processor``): chat messages may then hold ``image_url`` parts."""
     limits = limits or ServerLimits()
     schemas = RequestModels(limits)
     steering_registry = dict(steering_vectors or {})
@@ -612,6 +658,11 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # the template writes its own special tokens (as apply_chat_template's own encoding does)
         return tokenizer.encode_batch([text], add_special_tokens=False)[0]
+
+    def render_chat_images(messages: list[dict[str, Any]], images: list[Any]) -> tuple[list[int], Any]:
+        with chat_template_limits(template_limits):
+            batch = processor.apply_chat_template(messages, images=images)
+        return batch["input_ids"][0].tolist(), batch["pixel_values"]
 
     async def compile_grammar(params: SamplingParams) -> Any:
         """The request's grammar, compiled on the grammar backend's thread within grammar_timeout_s; the
@@ -726,10 +777,10 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
                       f"lmforge_draft_tokens_accepted_total {engine.stats['draft_accepted']}"]
         return PlainTextResponse("\n".join(lines) + "\n")
 
-    async def run(request: Request, prompt, params: SamplingParams, stream: bool, render):
+    async def run(request: Request, prompt, params: SamplingParams, stream: bool, render, pixel_values=None):
         grammar = await compile_grammar(params)
         try:
-            outputs = runner.submit(prompt, params, grammar)
+            outputs = runner.submit(prompt, params, grammar, pixel_values)
             # surfaces request errors as a 400 before streaming starts; a client gone meanwhile aborts it
             first = await _unless_disconnected(request, outputs.__anext__())
         except ClientGone:
@@ -798,8 +849,26 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
         if chars > limits.max_prompt_chars:
             raise APIError(400, f"the messages have {chars} characters of content; this server takes at most "
                                 f"{limits.max_prompt_chars}", "messages")
+        urls = [p.image_url.url for m in req.messages if isinstance(m.content, list) for p in m.content
+                if p.type == "image_url"]
+        pixel_values = None
+        if urls:
+            if processor is None:
+                raise APIError(400, f"this model ({model_name}) takes no images; send text content only", "messages")
+            if len(urls) > limits.max_images:
+                raise APIError(400, f"the messages hold {len(urls)} images; this server takes at most "
+                                    f"{limits.max_images} per request", "messages")
+            images = [await off_loop(_decode_image, url, limits.max_image_pixels, i) for i, url in enumerate(urls)]
+            # the processor places each image where its part stands, as {"type": "image"} parts
+            messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image"}
+                                     for p in m.content] if isinstance(m.content, list) else (m.content or "")}
+                        for m in req.messages]
         try:
-            ids = await off_loop(render_chat, messages)
+            if urls:
+                ids, pixel_values = await off_loop(render_chat_images, messages, images)
+            else:
+                ids = await off_loop(render_chat, messages)
         except LmforgeError as e:
             raise APIError(400, str(e), "messages") from None
         # logprobs=true alone asks for the chosen tokens' log-probabilities (OpenAI); top_logprobs adds alternatives
@@ -807,7 +876,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None,
                          _max_tokens(req, engine, len(ids), default=None), limits)
         params.steering = steering(req.steering)
         check_thinking(params)
-        return await run(request, ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer))
+        return await run(request, ids, params, req.stream, _ChatRender(model_name, params.n, tokenizer), pixel_values)
 
     # The request schemas carry this app's limits, so they are classes made at run time: the handlers'
     # annotations name them directly (a string annotation could not find them).
@@ -893,8 +962,13 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise LmforgeError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout}")
     engine = Engine(model_path, **engine_kwargs)
     limits = limits or ServerLimits()
+    processor = None
+    if engine.vision_model is not None:  # a LLaVA-style model: chat requests may carry images
+        from lmforge.data.image_processor import load_processor
+
+        processor = load_processor(model_path)
     app = build_app(engine, model_name or Path(model_path).name, api_key, steering_vectors=steering_vectors,
-                    limits=limits)
+                    limits=limits, processor=processor)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
