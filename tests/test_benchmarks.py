@@ -98,3 +98,8 @@ def test_quant_speed_kernel_sweep_times_every_candidate(one_thread):
     assert set(sweep["ms_min"]) == {"fp32", "bf16", "int8 (int8pack)", "int8 (2 x int4, chosen)", "int4 g32",
                                     "int4 g64", "int4 g128"}
     assert all(v > 0 for v in sweep["ms_min"].values())
+
+
+def test_vision_tokens_says_what_to_run_first(tmp_path):
+    with pytest.raises(SystemExit, match="run `lmforge quickstart-vision` first"):
+        load_script("vision_tokens").main(["--run", str(tmp_path)])

@@ -343,7 +343,7 @@ class Engine:
             return None
         if pixel_values.dim() != 4:
             raise LmforgeError(f"pixel_values must be [images, channels, height, width], got {list(pixel_values.shape)}")
-        per_image = vision.config.num_image_tokens
+        per_image = vision.tokens_per_image  # under a visual token budget, fewer tokens (and KV blocks)
         if len(positions) != pixel_values.shape[0] * per_image:
             raise LmforgeError(f"the prompt holds {len(positions)} image tokens but {pixel_values.shape[0]} image(s) "
                                f"need {pixel_values.shape[0] * per_image} ({per_image} each): expand the placeholders "

@@ -183,15 +183,58 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """[images, num_image_tokens, vision hidden * layers]: the selected vision hidden states (the projector's
         input)."""
-        hidden = self.vision_tower(pixel_values.to(self.device)).hidden_states
+        return self._selected(self.vision_tower(pixel_values.to(self.device)).hidden_states)
+
+    def _selected(self, hidden: list[Tensor]) -> Tensor:
         chosen = [hidden[i] for i in self.config.feature_layers]
         if self.config.vision_feature_select_strategy == "default":
             chosen = [h[:, 1:] for h in chosen]
         return torch.cat(chosen, dim=-1)
 
+    # HiRED-style visual token budget (training-free): the share of each image's tokens kept, chosen by the
+    # attention the vision tower's class token gives them (``image_token_scores``); 1.0 keeps all.
+    visual_token_fraction: float = 1.0
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens each image takes in the decoder: ``config.num_image_tokens`` under the budget. A processor
+        must expand each placeholder to this many (``processor.tokens_per_image = model.tokens_per_image``)."""
+        n = self.config.num_image_tokens
+        f = self.visual_token_fraction
+        if not 0 < f <= 1:
+            raise LmforgeError(f"visual_token_fraction must be in (0, 1], got {f}")
+        return n if f >= 1 else max(1, round(n * f))
+
+    def image_token_scores(self, pixel_values: Tensor) -> Tensor:
+        """[images, num_image_tokens]: each image token's importance, HiRED's rule: the attention the class token
+        pays to its patch in the vision layer that reads the chosen features (the last layer for the last
+        features). A tower without a class token (SigLIP) has no such view: the stated substitute is the mean
+        attention each patch receives from all patches in that layer."""
+        return self._token_scores(self.vision_tower(pixel_values.to(self.device)).hidden_states)
+
+    def _token_scores(self, hidden: list[Tensor]) -> Tensor:
+        tower = self.vision_tower
+        n_layers = len(tower.layers)
+        index = self.config.feature_layers[-1] % (n_layers + 1)
+        index = min(index, n_layers - 1)  # hidden_states[i] is layers[i]'s input; the last output: the last layer
+        block = tower.layers[index]
+        has_class = tower.class_embed is not None
+        scores = block.attn.attention_received(block.attn_norm(hidden[index]), from_first=has_class)
+        if self.config.vision_feature_select_strategy == "default":
+            scores = scores[:, 1:]  # the class token itself is not an image token
+        return scores
+
     def image_features(self, pixel_values: Tensor) -> Tensor:
-        """[images, num_image_tokens, text hidden]: the selected vision hidden states, projected."""
-        return self.multi_modal_projector(self.vision_features(pixel_values))
+        """[images, tokens_per_image, text hidden]: the selected vision hidden states, projected; under a
+        ``visual_token_fraction`` below 1 only the highest-scoring tokens (``image_token_scores``), in their
+        original order."""
+        keep = self.tokens_per_image
+        if keep == self.config.num_image_tokens:
+            return self.multi_modal_projector(self.vision_features(pixel_values))
+        hidden = self.vision_tower(pixel_values.to(self.device)).hidden_states  # one pass for features and scores
+        top = self._token_scores(hidden).topk(keep, dim=-1).indices.sort(dim=-1).values
+        chosen = self._selected(hidden)
+        return self.multi_modal_projector(chosen.gather(1, top[..., None].expand(-1, -1, chosen.shape[-1])))
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """The decoder's input embeddings [B, T, hidden]: the tokens' (times the text family's embedding

@@ -188,6 +188,17 @@ class VisionAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
+    def attention_received(self, x: Tensor, from_first: bool) -> Tensor:
+        """[N, T]: the attention each token receives in this layer for input ``x`` [N, T, hidden] (already
+        normed), averaged over heads: from the first token only (a class token's view) or averaged over every
+        query (a tower without one). The same scores ``forward``'s SDPA softmaxes, computed explicitly."""
+        b, t, _ = x.shape
+        q_in = x[:, :1] if from_first else x
+        q = self.q_proj(q_in).view(b, q_in.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)  # [N, heads, queries, T]
+        return probs.mean(dim=(1, 2))
+
 
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig) -> None:

@@ -183,9 +183,10 @@ def _question(record: dict[str, Any]) -> str:
 
 
 def vision_answers(model_dir: Path, records: list[dict[str, Any]], batch_size: int = 50,
-                   max_new_tokens: int = 4) -> tuple[list[str], dict[str, float]]:
+                   max_new_tokens: int = 4, visual_token_fraction: float = 1.0) -> tuple[list[str], dict[str, float]]:
     """Greedy answers of a vision-language model to each record's image and question, and its cost: decoder
-    positions per example and the median prefill seconds per batch (the vision encoder included)."""
+    positions per example and the median prefill seconds per batch (the vision encoder included).
+    ``visual_token_fraction``: a LLaVA's HiRED-style token budget (``LlavaForConditionalGeneration``)."""
     import torch
 
     from lmforge.data.image_processor import load_image, load_processor
@@ -193,6 +194,9 @@ def vision_answers(model_dir: Path, records: list[dict[str, Any]], batch_size: i
     from lmforge.models.generate import default_eos_ids, generate
 
     model, processor = load_model(model_dir), load_processor(model_dir)
+    if visual_token_fraction != 1.0:
+        model.visual_token_fraction = visual_token_fraction
+        processor.tokens_per_image = model.tokens_per_image
     stops = list(dict.fromkeys([*processor.tokenizer.eos_ids, *default_eos_ids(model)]))
     answers, prefill, positions = [], [], []
     for i in range(0, len(records), batch_size):
