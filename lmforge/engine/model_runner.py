@@ -184,14 +184,11 @@ class ModelRunner:
 
     def _inputs(self, input_ids: Tensor, feeds: list[Feed]) -> dict[str, Tensor]:
         """``input_ids`` [1, T], or, when a feed carries image rows, ``inputs_embeds`` [1, T, hidden]: the tokens'
-        embeddings (times the family's multiplier, as the model would scale them) with those rows replaced by
+        embeddings (``Transformer.token_embeddings``) with those rows replaced by
         the image features, as ``LlavaForConditionalGeneration.embed`` splices them."""
         if all(f.image_rows is None for f in feeds):
             return {"input_ids": input_ids}
-        model = self.model
-        x = model.model.embed_tokens(input_ids)
-        if model.config.embedding_multiplier != 1.0:
-            x = x * torch.tensor(model.config.embedding_multiplier, dtype=x.dtype)
+        x = self.model.token_embeddings(input_ids)
         row = 0
         for f in feeds:
             if f.image_rows is not None:

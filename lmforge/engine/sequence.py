@@ -146,8 +146,7 @@ class Sequence:
         # hashes (BlockManager): only requests with the same intervention share blocks.
         steering = params.steering
         self.cache_salt: str | None = steering.key if steering is not None and not steering.is_noop else None
-        prompt = tuple(self.prompt_ids)
-        self.prompt_key = hash((self.cache_salt, prompt) if self.cache_salt else prompt)
+        self.prompt_key = self._salted_prompt_key()  # stored: the scheduler reads it every step
         self.output_ids: list[int] = []
         # LLaVA-style images: the prompt positions of the image tokens and their features [k, hidden] (set_images)
         self.image_positions: Tensor | None = None
@@ -179,7 +178,11 @@ class Sequence:
         different images never do (nor their text blocks before the image: a coarser key than vLLM's per block)."""
         self.image_positions, self.image_embeds = positions, embeds
         self.cache_salt = f"{self.cache_salt or ''}|image:{key}"
-        self.prompt_key = hash((self.cache_salt, tuple(self.prompt_ids)))
+        self.prompt_key = self._salted_prompt_key()
+
+    def _salted_prompt_key(self) -> int:
+        prompt = tuple(self.prompt_ids)
+        return hash((self.cache_salt, prompt) if self.cache_salt else prompt)
 
     def image_rows(self, start: int, n: int) -> tuple[Tensor, Tensor] | None:
         """(offsets in [0, n), features) of the image tokens among positions [start, start + n); None if none."""

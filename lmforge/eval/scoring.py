@@ -159,7 +159,8 @@ def loglikelihood_images(model: Any, processor: Any, requests: Sequence[Pair], i
 def generate_with_images(model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Any],
                          max_new_tokens: int = 32, stop: Sequence[str] = (), batch_size: int = 16) -> list[str]:
     """Greedy completions of ``prompts`` (each holding one image placeholder) with their images, through
-    ``lmforge.models.generate`` (the engine takes no images yet), cut at EOS and at the first stop string."""
+    ``lmforge.models.generate`` (the one path for both families: the engine runs LLaVA-style images only), cut at
+    EOS and at the first stop string."""
     from lmforge.models.generate import default_eos_ids, generate
 
     tokenizer = processor.tokenizer

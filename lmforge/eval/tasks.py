@@ -117,6 +117,7 @@ class Task:
     code_prefix: str | None = None  # code tasks: template of the code the completion continues (default: prompt)
     image: str | None = None  # multimodal tasks: the record field holding an image path (relative to the data file)
     image_position: Literal["before", "after"] = "before"  # where the image placeholder goes around the prompt
+    data_file: str = ""  # the data path as the task file names it (relative to the task file)
 
     # ---- prompts -------------------------------------------------------------------------------
     def render(self, doc: dict[str, Any]) -> str:
@@ -202,8 +203,6 @@ class Task:
     @property
     def data_dir(self) -> Path:
         return self.source.parent / Path(self.data_file).parent
-
-    data_file: str = ""  # the data path as the task file names it (relative to the task file)
 
     def program_prefix(self, doc: dict[str, Any]) -> str:
         """Code tasks: the code a completion is appended to (``code_prefix``, else the prompt)."""
@@ -378,9 +377,8 @@ def load_task(path: str | Path, options: Mapping[str, Any] | None = None) -> Tas
         timeout_s=float(_typed(raw, "timeout_s", (int, float), source, 5.0)),
         memory_mb=_typed(raw, "memory_mb", int, source, 512),
         description=_typed(raw, "description", str, source, ""), system=system, code_prefix=code_prefix,
-        image=image, image_position=image_position,
+        image=image, image_position=image_position, data_file=str(raw["data"]),
     )
-    task.data_file = str(raw["data"])
     _check_first_doc(task)
     return task
 

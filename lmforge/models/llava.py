@@ -27,8 +27,9 @@ from lmforge.models.checkpoint import (TensorMap, config_model_type, read_genera
 from lmforge.models.config import Config, TextConfigView, _is_int
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
+from lmforge.models.quant import quantize_model
 from lmforge.models.vision import (VisionConfig, VisionLanguageModel, VisionTransformer, activation_from_hf,
-                                   activation_to_hf, hub_layout_name, quantize_decoder, quantize_options,
+                                   activation_to_hf, hub_layout_name, quantize_options,
                                    vision_activation, vision_weight_map)
 
 # Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
@@ -244,10 +245,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         text = self.language_model
         image_token = self.config.image_token_id
         placeholders = input_ids == image_token
-        x = text.model.embed_tokens(input_ids)
-        multiplier = text.config.embedding_multiplier
-        if multiplier != 1.0:  # as Transformer.forward does for token ids: the multiplier in the activation dtype
-            x = x * torch.tensor(multiplier, dtype=x.dtype)
+        x = text.token_embeddings(input_ids)
         if pixel_values is None:
             if bool(placeholders.any()):
                 raise LmforgeError(f"input_ids hold {int(placeholders.sum())} image placeholder tokens (id "
@@ -338,7 +336,7 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
                quantize: object | None = None) -> LlavaForConditionalGeneration:
     """A transformers ``LlavaForConditionalGeneration`` directory (any of its key layouts) as our model.
     ``quantize``: "int8" | "int4" | a ``QuantConfig``: the decoder's linears quantized as a text model's are
-    (``vision.quantize_decoder``); the vision tower and the projector stay float (they run once per image)."""
+    (``lmforge.models.quant.quantize_model``); the vision tower and the projector stay float (they run once per image)."""
     device = pick_device(device)
     quant = quantize_options(quantize, device)
     path = Path(path)
@@ -360,7 +358,7 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     if generation_config is not None:
         model.generation_config = generation_config
-    return model.eval() if quant is None else quantize_decoder(model, quant)
+    return model.eval() if quant is None else quantize_model(model, quant)
 
 
 __all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "LLAVA_TEXT_MODEL_TYPES", "load_llava",

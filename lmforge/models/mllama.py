@@ -37,8 +37,9 @@ from lmforge.models.checkpoint import (TensorMap, _TensorSource, read_generation
 from lmforge.models.config import Config, TextConfigView, _float, _int, _is_int, _rope_to_hf
 from lmforge.models.device import pick_device
 from lmforge.models.model import AttentionStep, CrossAttentionInputs, Hook, KVCache, Transformer, static_cache_of
+from lmforge.models.quant import quantize_model
 from lmforge.models.vision import (VisionBlock, VisionConfig, VisionLanguageModel, activation_from_hf,
-                                   activation_to_hf, hub_layout_name, quantize_decoder, quantize_options)
+                                   activation_to_hf, hub_layout_name, quantize_options)
 
 # transformers' MllamaTextConfig / MllamaVisionConfig defaults (Llama 3.2 11B Vision), for fields a config.json
 # leaves out.
@@ -555,7 +556,7 @@ def load_mllama(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
                 quantize: object | None = None) -> MllamaForConditionalGeneration:
     """A transformers ``MllamaForConditionalGeneration`` directory (hub or in-memory key layout) as our model.
     ``quantize``: "int8" | "int4" | a ``QuantConfig``: the decoder's linears quantized, the cross-attention layers'
-    with the rest (``vision.quantize_decoder``); the vision encoder and the projector stay float (they run once per
+    with the rest (``lmforge.models.quant.quantize_model``); the vision encoder and the projector stay float (they run once per
     image)."""
     device = pick_device(device)
     quant = quantize_options(quantize, device)
@@ -574,7 +575,7 @@ def load_mllama(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     model.load_state_dict(state, strict=True, assign=True)
     if generation_config is not None:
         model.generation_config = generation_config
-    return model.eval() if quant is None else quantize_decoder(model, quant)
+    return model.eval() if quant is None else quantize_model(model, quant)
 
 
 __all__ = ["EXTRA_INPUT_IDS", "tile_arrangements", "MllamaConfig", "MllamaVisionConfig", "MllamaForConditionalGeneration", "TiledVisionEncoder",

@@ -714,6 +714,16 @@ class Transformer(nn.Module):
         cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
+    def token_embeddings(self, input_ids: Tensor) -> Tensor:
+        """The tokens' input embeddings [B, T, hidden], times the family's embedding multiplier (Gemma's
+        sqrt(hidden)): what ``forward`` feeds the blocks for ``input_ids``, and what callers that splice other
+        rows in (image features) start from before passing ``inputs_embeds``."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            # Gemma casts the multiplier to the activation dtype first; bf16 sqrt(2304) = 48.0, not 48.0000..
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        return x
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache: "KVCache | AttentionStep | None" = None, position_ids: Tensor | None = None,
                 logits_to_keep: int | Tensor = 0, return_hidden: bool = False, inputs_embeds: Tensor | None = None,
@@ -748,13 +758,7 @@ class Transformer(nn.Module):
             cross_attention = cache_store.cross_attention if cache_store is not None else None
         ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0, cross_attention=cross_attention)
 
-        if inputs_embeds is None:
-            x = self.model.embed_tokens(input_ids)
-            if cfg.embedding_multiplier != 1.0:
-                # Gemma casts the multiplier to the activation dtype first; bf16 sqrt(2304) = 48.0, not 48.0000..
-                x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
-        else:
-            x = inputs_embeds
+        x = self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = ctx.hook("hook_embed", x)
         cos = sin = None
         if self.model.embed_positions is not None:

@@ -656,7 +656,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, extra_files: Seque
     from safetensors.torch import save_file
 
     from lmforge.io import atomic_directory
-
     from lmforge.models.model import Transformer
 
     config = quantization_of(model)
@@ -791,9 +790,7 @@ def _register() -> None:
     @command("quantize", "weight-only int8/int4 quantization of a model directory (CPU low-bit kernels)")(
         _quantize_args)
     def quantize_cmd(args: Any) -> int:
-        from lmforge.models.checkpoint import load_model
-
-        from lmforge.models.checkpoint import config_model_type
+        from lmforge.models.checkpoint import config_model_type, load_model
         from lmforge.models.vision import VISION_LANGUAGE_MODEL_TYPES
 
         src, out = Path(args.path), Path(args.out)

@@ -336,7 +336,7 @@ def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> 
 
 __all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VISION_LANGUAGE_MODEL_TYPES", "VisionConfig", "VisionOutput",
            "VisionTransformer", "activation_from_hf",
-           "activation_to_hf", "quantize_decoder", "vision_activation", "vision_weight_map"]
+           "activation_to_hf", "vision_activation", "vision_weight_map"]
 
 
 class VisionLanguageModel(nn.Module):
@@ -362,7 +362,7 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def quantization(self) -> QuantConfig | None:
-        """The decoder's ``QuantConfig`` when ``quantize_decoder`` quantized it (what
+        """The decoder's ``QuantConfig`` when ``quantize_model`` quantized it (what
         ``lmforge.models.quant.quantization_of`` reads), else None: read from the decoder, so it follows it (e.g.
         through ``dequantize_model(model.language_model)``)."""
         return getattr(self.language_model, "quantization", None)
@@ -381,23 +381,6 @@ def quantize_options(quantize: Any, device: torch.device) -> QuantConfig | None:
         raise LmforgeError(f"quantize ({config.describe()}): the low-bit kernels run on the CPU only, not on {device} "
                            "(load the model with device='cpu')")
     return config
-
-
-@torch.no_grad()
-def quantize_decoder(model: VisionLanguageModel, quantize: str | QuantConfig) -> VisionLanguageModel:
-    """Weight-only int8/int4 quantization (``lmforge.models.quant``) of a vision-language model's decoder, in place
-    (returns the model, in eval mode): the linears ``quantize_model`` quantizes in a text model (attention q/k/v/o
-    and MLP gate/up/down of every layer, every expert's in a MoE, and the LM head unless ``lm_head=False``) become
-    ``QuantizedLinear``; Mllama's cross-attention layers are quantized as the self-attention ones are (their
-    query and output projections run for every generated token; the key/value ones project the image states once).
-
-    The vision tower and the multimodal projector stay float: they run once per image, at the prefill, while
-    decoding reads every decoder weight once per token, which is the cost the low-bit kernels cut. ``model``'s
-    ``quantization`` then reports the config (``quantization_of(model)``). The kernels run on the CPU only."""
-    from lmforge.models.quant import quantize_model
-
-    quantize_model(model.language_model, quantize)
-    return model.eval()
 
 
 # transformers' names for a vision-language model's decoder, head and projector in the layouts it has used, rewritten

@@ -13,8 +13,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.models import generate
 from lmforge.models.llava import load_llava
 from lmforge.models.mllama import load_mllama
-from lmforge.models.quant import QuantConfig, QuantizedLinear, dequantize_model, quantization_of
-from lmforge.models.vision import quantize_decoder
+from lmforge.models.quant import QuantConfig, QuantizedLinear, dequantize_model, quantization_of, quantize_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
@@ -213,7 +212,7 @@ def test_quantizing_again_is_refused(vlm):
     _, path = vlm
     model = load_model(path, quantize="int8")
     with pytest.raises(LmforgeError, match=r"already quantized \(int8 per output channel\)"):
-        quantize_decoder(model, "int4")
+        quantize_model(model, "int4")
     assert quantization_of(model) == QuantConfig.make("int8")
 
 
@@ -249,8 +248,6 @@ def test_dequantize_and_requantize_a_vlm_work_on_its_decoder(vlm):
     model = load_model(path, quantize="int8")
     assert dequantize_model(model) is model and quantization_of(model) is None
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
-    from lmforge.models.quant import quantize_model
-
     assert quantize_model(model, "int4") is model and quantization_of(model).format == "int4"
     assert not any(isinstance(m, QuantizedLinear) for m in model.vision_tower.modules()) if hasattr(
         model, "vision_tower") else True

@@ -14,6 +14,7 @@ from lmforge.data.image_processor import load_processor
 from lmforge.models.generate import generate
 from lmforge.serve.limits import ServerLimits
 
+from ..engine.test_images import picture  # the drawn test images, one per index
 from ..models.test_quant_vlm import save_tiny_vlm
 from .tiny_server import running
 
@@ -21,12 +22,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 Image = pytest.importorskip("PIL.Image")
 NEW = 6
-
-
-def picture(i: int, size: tuple[int, int] = (40, 36)):
-    img = Image.new("RGB", (size[0] + 9 * i, size[1]), (70 * i % 255, 180 - 50 * i, 40 + 30 * i))
-    img.paste((255, 255, 0), (4 + 5 * i, 6, 20 + 5 * i, 24))
-    return img
 
 
 def data_url(img, fmt: str = "PNG") -> str:
