@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from lmforge.commands import COMMANDS, DEVICE_FLAG, QUANTIZE_FLAG, command
+from lmforge.commands import COMMANDS, DEVICE_FLAG, QUANTIZE_FLAG, VISUAL_TOKENS_FLAG, command
 from lmforge.errors import LmforgeError
 from lmforge.models.thinking import add_thinking_flags, budget_from_args
 
@@ -53,6 +53,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="an image for a vision-language (LLaVA) model; repeat for several. The prompt holds one "
                         "image placeholder (e.g. <image>) per image; with --chat the images go before its text "
                         "unless the prompt places them with the placeholder")
+    p.add_argument("--visual-tokens", **VISUAL_TOKENS_FLAG)
     add_thinking_flags(p)
     _add_strategy_flags(p)
 
@@ -75,6 +76,8 @@ def generate_cmd(args: argparse.Namespace) -> int:
         raise LmforgeError("--top-p must be in (0, 1]")
     _check_strategy_args(args)  # before loading anything: a missing --reward-model fails fast
     images = None
+    if args.visual_tokens and not args.image:
+        raise LmforgeError("--visual-tokens reduces an image's tokens: it needs --image")
     if args.image:
         from lmforge.data.image_processor import load_image
 
@@ -102,6 +105,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
         from lmforge.data.image_processor import load_processor
 
         processor = load_processor(args.model)
+        if args.visual_tokens:
+            from lmforge.models.llava import set_visual_tokens
+
+            set_visual_tokens(model, args.visual_tokens, processor)
         if args.chat:
             # The images go before the text, unless the prompt places them itself with the image token.
             parts = (args.prompt if processor.image_token in args.prompt else

@@ -20,6 +20,13 @@ QUANTIZE_FLAG: dict = dict(default=None, choices=["int8", "int4", "keep"],
                            help="weight-only quantization of the linears for the CPU low-bit kernels (int4: group 32; "
                                 "keep: a .gguf file's Q8_0/Q4_0/Q4_1 blocks as they are)")
 
+# The one --visual-tokens flag of the commands that run a LLaVA-style model (``llava.set_visual_tokens``).
+VISUAL_TOKENS_FLAG: dict = dict(default=None, metavar="METHOD:SHARE",
+                                help="training-free visual token reduction for a LLaVA model: hired:SHARE (keep the "
+                                     "tokens the vision class token attends to most), tome:SHARE (merge similar "
+                                     "tokens in the vision tower), fastv:SHARE[@LAYER] (prune image tokens after "
+                                     "decoder block LAYER, default 2; not in the engine)")
+
 # The one --device flag of every command that runs a model.
 DEVICE_FLAG: dict = dict(default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu) | cpu | cuda | cuda:N")
 
@@ -37,4 +44,4 @@ def command(name: str, help: str):  # noqa: A002 - argparse's word
     return wrap
 
 
-__all__ = ["COMMANDS", "DEVICE_FLAG", "QUANTIZE_FLAG", "command"]
+__all__ = ["COMMANDS", "DEVICE_FLAG", "QUANTIZE_FLAG", "VISUAL_TOKENS_FLAG", "command"]

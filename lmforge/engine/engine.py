@@ -343,13 +343,23 @@ class Engine:
             return None
         if pixel_values.dim() != 4:
             raise LmforgeError(f"pixel_values must be [images, channels, height, width], got {list(pixel_values.shape)}")
+        if getattr(vision, "fastv_keep", 1.0) < 1:
+            # FastV ranks image tokens by the attention of the prompt's last token, which a chunked prefill reaches
+            # only after earlier chunks stored every image token in every layer; one block table per sequence
+            # cannot hold fewer tokens in later layers either.
+            raise LmforgeError("FastV pruning (fastv_keep < 1) does not run in the paged engine: use "
+                               "visual_token_fraction (HiRED-style, before the decoder) here, or generate()")
         per_image = vision.tokens_per_image  # under a visual token budget, fewer tokens (and KV blocks)
         if len(positions) != pixel_values.shape[0] * per_image:
             raise LmforgeError(f"the prompt holds {len(positions)} image tokens but {pixel_values.shape[0]} image(s) "
                                f"need {pixel_values.shape[0] * per_image} ({per_image} each): expand the placeholders "
                                "with the model's processor")
         features = vision.image_features(pixel_values.to(vision.device)).flatten(0, 1).to(self.model.dtype)
-        key = hashlib.sha256(pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+        key = hashlib.sha256(pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        # The same pixels under another token budget are other features: the budget salts the key too.
+        key.update(repr([getattr(vision, name, None) for name in ("visual_token_fraction",
+                                                                  "visual_token_merge")]).encode())
+        key = key.hexdigest()
         return positions, features, key
 
     # ---- the loop -----------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ from lmforge.models.checkpoint import (TensorMap, config_model_type, read_genera
                                        read_model_config, weight_map)
 from lmforge.models.config import Config, TextConfigView, _is_int
 from lmforge.models.device import pick_device
-from lmforge.models.model import AttentionStep, Hook, KVCache, Transformer
+from lmforge.models.model import AttentionStep, Hook, KVCache, TokenPruning, Transformer
 from lmforge.models.quant import quantize_model
 from lmforge.models.vision import (VisionConfig, VisionLanguageModel, VisionTransformer, activation_from_hf,
-                                   activation_to_hf, hub_layout_name, quantize_options,
+                                   activation_to_hf, fewest_tokens, hub_layout_name, merge_schedule, quantize_options,
                                    vision_activation, vision_weight_map)
 
 # Decoder families whose HF base model keeps its tensors under "model." (a LLaVA stores them under its
@@ -195,16 +195,55 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     # HiRED-style visual token budget (training-free): the share of each image's tokens kept, chosen by the
     # attention the vision tower's class token gives them (``image_token_scores``); 1.0 keeps all.
     visual_token_fraction: float = 1.0
+    # ToMe token merging (training-free) in the vision tower: the share of each image's tokens left at the feature
+    # layer, similar tokens averaged rather than dropped (``token_merge_schedule``); 1.0 merges none. One of the two
+    # budgets at a time.
+    visual_token_merge: float = 1.0
 
     @property
     def tokens_per_image(self) -> int:
-        """Image tokens each image takes in the decoder: ``config.num_image_tokens`` under the budget. A processor
-        must expand each placeholder to this many (``processor.tokens_per_image = model.tokens_per_image``)."""
+        """Image tokens each image takes in the decoder: ``config.num_image_tokens`` under the budget
+        (``visual_token_fraction`` or ``visual_token_merge``). A processor must expand each placeholder to this many
+        (``processor.tokens_per_image = model.tokens_per_image``)."""
         n = self.config.num_image_tokens
-        f = self.visual_token_fraction
-        if not 0 < f <= 1:
-            raise LmforgeError(f"visual_token_fraction must be in (0, 1], got {f}")
+        f, merge = self.visual_token_fraction, self.visual_token_merge
+        for name, value in (("visual_token_fraction", f), ("visual_token_merge", merge)):
+            if not 0 < value <= 1:
+                raise LmforgeError(f"{name} must be in (0, 1], got {value}")
+        if f < 1 and merge < 1:
+            raise LmforgeError(f"visual_token_fraction={f} and visual_token_merge={merge} are two budgets for the "
+                               "same image tokens (keep the top-scoring ones, or merge similar ones): set one, leave "
+                               "the other at 1.0")
+        if merge < 1:
+            self.token_merge_schedule()  # an unreachable budget is an error here, before any processor expands to it
+        f = min(f, merge)
         return n if f >= 1 else max(1, round(n * f))
+
+    def token_merge_schedule(self) -> list[int]:
+        """Tokens ToMe merges in each vision block under ``visual_token_merge`` (``VisionTransformer.forward``'s
+        ``merge``): exactly ``tokens_per_image`` image tokens at the feature layer, in the blocks before it only
+        (``merge_schedule``). An ``LmforgeError`` for several feature layers (merging leaves them different token
+        counts), or a budget those blocks cannot reach (it names the smallest reachable)."""
+        config, f = self.config, self.visual_token_merge
+        n = config.num_image_tokens
+        if f >= 1:
+            return [0] * config.vision.num_layers
+        if len(config.feature_layers) > 1:
+            raise LmforgeError(f"visual_token_merge needs one vision feature layer; this LLaVA concatenates "
+                               f"{config.feature_layers}, which token merging leaves with different token counts")
+        keep = max(1, round(n * f))
+        layer = config.feature_layers[0]
+        blocks = layer % (config.vision.num_layers + 1)  # hidden_states[i] is the output of the first i blocks
+        protected = int(config.vision.class_token)  # the class token is never merged
+        dropped = config.vision.seq_len - n  # the first token, which the "default" strategy drops
+        fewest = fewest_tokens(config.vision.seq_len, protected, blocks) - dropped
+        if keep < fewest:
+            raise LmforgeError(
+                f"visual_token_merge={f} asks for {keep} of {n} image tokens, but token merging (ToMe) merges at most "
+                f"half of the mergeable tokens in each vision block, and feature layer {layer} reads the output of "
+                f"{blocks} block(s): the fewest reachable is {fewest} of {n}, visual_token_merge >= {fewest / n:.4g}")
+        return merge_schedule(config.vision.seq_len, protected, blocks, keep + dropped) + \
+            [0] * (config.vision.num_layers - blocks)
 
     def image_token_scores(self, pixel_values: Tensor) -> Tensor:
         """[images, num_image_tokens]: each image token's importance, HiRED's rule: the attention the class token
@@ -228,14 +267,30 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """[images, tokens_per_image, text hidden]: the selected vision hidden states, projected; under a
         ``visual_token_fraction`` below 1 only the highest-scoring tokens (``image_token_scores``), in their
-        original order."""
+        original order; under a ``visual_token_merge`` below 1 the tower's tokens merged (ToMe) down to that many,
+        ordered by their first patch."""
         keep = self.tokens_per_image
         if keep == self.config.num_image_tokens:
             return self.multi_modal_projector(self.vision_features(pixel_values))
+        if self.visual_token_merge < 1:
+            merged = self.vision_tower(pixel_values.to(self.device), merge=self.token_merge_schedule())
+            return self.multi_modal_projector(self._selected(merged.hidden_states))
         hidden = self.vision_tower(pixel_values.to(self.device)).hidden_states  # one pass for features and scores
         top = self._token_scores(hidden).topk(keep, dim=-1).indices.sort(dim=-1).values
         chosen = self._selected(hidden)
         return self.multi_modal_projector(chosen.gather(1, top[..., None].expand(-1, -1, chosen.shape[-1])))
+
+    # FastV (training-free): after decoder block ``fastv_layer`` only the share ``fastv_keep`` of the image tokens
+    # that the prompt's last token attends to most in the block before go on (``TokenPruning``); 1.0 keeps all.
+    # It prunes a prefill (``forward``/``generate``/eval with images); the paged engine refuses it.
+    fastv_layer: int = 2
+    fastv_keep: float = 1.0
+
+    def token_pruning(self, input_ids: Tensor) -> TokenPruning | None:
+        """The FastV pruning of a prefill of ``input_ids`` (its image placeholders are the candidates), or None."""
+        if self.fastv_keep >= 1:
+            return None
+        return TokenPruning(self.fastv_layer, self.fastv_keep, input_ids == self.config.image_token_id)
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
         """The decoder's input embeddings [B, T, hidden]: the tokens' (times the text family's embedding
@@ -269,9 +324,11 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         """Logits [B, T, vocab]. ``pixel_values`` [images, C, H, W] (``load_processor``'s output) fill the image
         placeholders of ``input_ids``; the other arguments are ``Transformer.forward``'s (``inputs_embeds`` go to
         the decoder as they are)."""
+        prune = None
         if pixel_values is not None:
             if input_ids is None:
                 raise LmforgeError("pixel_values need input_ids (their image placeholders say where the images go)")
+            prune = self.token_pruning(input_ids)
             inputs_embeds, input_ids = self.embed(input_ids, pixel_values), None
         elif input_ids is not None:  # a text-only call: the decoder embeds the ids itself
             found = int((input_ids == self.config.image_token_id).sum())
@@ -280,7 +337,45 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
                                    f"{self.config.image_token_id}) but no pixel_values were given")
         return self.language_model(input_ids, attention_mask, cache=cache, position_ids=position_ids,
                                    logits_to_keep=logits_to_keep, return_hidden=return_hidden,
-                                   inputs_embeds=inputs_embeds, hooks=hooks)
+                                   inputs_embeds=inputs_embeds, hooks=hooks, prune=prune)
+
+
+# ``--visual-tokens METHOD:SHARE``: which switch of ``LlavaForConditionalGeneration`` each method sets.
+VISUAL_TOKEN_METHODS = {"hired": "visual_token_fraction", "tome": "visual_token_merge", "fastv": "fastv_keep"}
+
+
+def set_visual_tokens(model: nn.Module, spec: str, processor: Any = None) -> None:
+    """Turn on one visual token reduction from a spec: ``hired:0.25`` (keep the quarter of each image's tokens the
+    vision tower's class token attends to most), ``tome:0.5`` (merge similar tokens in the vision tower down to half),
+    ``fastv:0.5`` (after decoder block 2, keep half of the image tokens; ``fastv:0.5@3``: after block 3). The
+    ``processor``, when given, is told how many tokens each image now takes."""
+    method, _, rest = spec.partition(":")
+    share, _, layer = rest.partition("@")
+    if method not in VISUAL_TOKEN_METHODS or not share:
+        raise LmforgeError(f"--visual-tokens {spec!r}: expected METHOD:SHARE with METHOD one of "
+                           f"{', '.join(VISUAL_TOKEN_METHODS)} (e.g. hired:0.25, tome:0.5, fastv:0.5@2)")
+    if not isinstance(model, LlavaForConditionalGeneration):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise LmforgeError(f"--visual-tokens needs a LLaVA-style model (image tokens in the decoder's sequence); "
+                           f"this is {kind}")
+    try:
+        value = float(share)
+        fastv_layer = int(layer) if layer else model.fastv_layer
+    except ValueError:
+        raise LmforgeError(f"--visual-tokens {spec!r}: the share must be a number in (0, 1] and the FastV layer an "
+                           "integer") from None
+    if layer and method != "fastv":
+        raise LmforgeError(f"--visual-tokens {spec!r}: '@LAYER' is FastV's (the decoder block it prunes after)")
+    if not 0 < value <= 1:
+        raise LmforgeError(f"--visual-tokens {spec!r}: the share must be in (0, 1]")
+    n_layers = model.config.text.num_layers
+    if method == "fastv" and not 1 <= fastv_layer < n_layers:
+        raise LmforgeError(f"--visual-tokens {spec!r}: FastV prunes after a decoder block in 1..{n_layers - 1}")
+    setattr(model, VISUAL_TOKEN_METHODS[method], value)
+    model.fastv_layer = fastv_layer
+    tokens = model.tokens_per_image  # an impossible budget (ToMe) fails here
+    if processor is not None:
+        processor.tokens_per_image = tokens
 
 
 def text_decoder(model: nn.Module, pixel_values: Tensor | None = None) -> Transformer:
@@ -361,5 +456,5 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return model.eval() if quant is None else quantize_model(model, quant)
 
 
-__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "LLAVA_TEXT_MODEL_TYPES", "load_llava",
+__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "set_visual_tokens", "VISUAL_TOKEN_METHODS", "LLAVA_TEXT_MODEL_TYPES", "load_llava",
            "is_llava_directory", "read_llava_config", "llava_weight_map", "text_decoder", "hub_name"]

@@ -151,18 +151,21 @@ class ContiguousStep:
                  cache: "KVCache | None" = None) -> None:
         self.positions, self.valid, self.start, self.t = positions, valid, start, t
         self.padded, self.cache = padded, cache
-        self._masks: dict[int | None, Tensor | None] = {}
+        self._masks: dict[tuple[int | None, bool], Tensor | None] = {}
 
-    def mask_for(self, window: int | None) -> Tensor | None:
+    def mask_for(self, window: int | None, layer: int = 0) -> Tensor | None:
         """None when plain causal attention is exact (lets SDPA take its fastest path)."""
         if window is not None and self.start + self.t <= window:
             window = None  # the window cannot bite yet
-        if window not in self._masks:
-            if not self.padded and window is None and (self.start == 0 or self.t == 1):
-                self._masks[window] = None
+        pruned = self.cache is not None and self.cache.is_pruned(layer)
+        key = (window, pruned)
+        if key not in self._masks:
+            if not self.padded and not pruned and window is None and (self.start == 0 or self.t == 1):
+                self._masks[key] = None
             else:
-                self._masks[window] = build_attention_mask(self.valid, self.start, self.t, window)
-        return self._masks[window]
+                valid = self.cache.valid_for(layer) if pruned else self.valid
+                self._masks[key] = build_attention_mask(valid, self.start, self.t, window)
+        return self._masks[key]
 
     def context(self, attn: "Attention", k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Store the new k/v (with a cache); return the keys, values and mask [B, 1, T, S] the queries attend
@@ -172,7 +175,7 @@ class ContiguousStep:
             self.cache.keys[layer][:, :, self.start:end] = k
             self.cache.values[layer][:, :, self.start:end] = v
             k, v = self.cache.keys[layer][:, :, :end], self.cache.values[layer][:, :, :end]
-        return k, v, self.mask_for(attn.window)
+        return k, v, self.mask_for(attn.window, layer)
 
     def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         k, v, mask = self.context(attn, k, v, layer)
@@ -196,14 +199,15 @@ class SlotStep:
     def __init__(self, cache: "KVCache", slot: Tensor, positions: Tensor, windows: set[int | None]) -> None:
         self.cache, self.slot, self.positions = cache, slot, positions
         arange = torch.arange(cache.max_len, device=slot.device)
-        self.masks = {w: (cache.valid if w is None else cache.valid & (arange > slot - w))[:, None, None, :]
-                      for w in windows}
+        groups = {False: cache.valid, **({True: cache.valid_pruned} if cache.valid_pruned is not None else {})}
+        self.masks = {(w, pruned): (valid if w is None else valid & (arange > slot - w))[:, None, None, :]
+                      for w in windows for pruned, valid in groups.items()}
 
     def context(self, attn: "Attention", k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """Write the new k/v at the slot; return the whole buffer and its validity mask [B, 1, 1, max_len]."""
         self.cache.keys[layer].index_copy_(2, self.slot, k)
         self.cache.values[layer].index_copy_(2, self.slot, v)
-        return self.cache.keys[layer], self.cache.values[layer], self.masks[attn.window]
+        return self.cache.keys[layer], self.cache.values[layer], self.masks[attn.window, self.cache.is_pruned(layer)]
 
     def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         return attn.attention(q, *self.context(attn, k, v, layer))
@@ -232,6 +236,17 @@ class KVCache:
         self.has_padding = False
         # What the cross-attention layers of later calls attend to (set by a vision model's prefill).
         self.cross_attention: CrossAttentionInputs | None = None
+        # Token pruning (FastV, ``TokenPruning``): layers from ``pruned_from`` on never stored the dropped tokens,
+        # so they read ``valid_pruned`` (``valid`` without those slots) instead of ``valid``.
+        self.pruned_from: int | None = None
+        self.valid_pruned: Tensor | None = None
+
+    def is_pruned(self, layer: int) -> bool:
+        return self.pruned_from is not None and layer >= self.pruned_from
+
+    def valid_for(self, layer: int) -> Tensor:
+        """[B, max_len] which slots layer ``layer`` holds a real token in."""
+        return self.valid_pruned if self.is_pruned(layer) else self.valid
 
     def reserve(self, attention_mask: Tensor) -> tuple[int, Tensor]:
         """Claim slots for T new tokens; return (start slot, their positions [B, T])."""
@@ -240,6 +255,8 @@ class KVCache:
             raise ValueError(f"KV cache full: {start} cached + {t} new tokens > capacity {self.max_len}")
         mask = attention_mask.bool()
         self.valid[:, start:start + t] = mask
+        if self.valid_pruned is not None:
+            self.valid_pruned[:, start:start + t] = mask
         positions = self.next_position[:, None] + mask.long().cumsum(-1) - 1
         self.next_position += mask.long().sum(-1)
         self.has_padding = self.has_padding or not bool(mask.all())
@@ -261,6 +278,8 @@ class KVCache:
             dropped = self.valid[:, length:self.length].long().sum(-1)
             self.next_position -= dropped
             self.valid[:, length:self.length] = False
+            if self.valid_pruned is not None:
+                self.valid_pruned[:, length:self.length] = False
             self.length = length
 
 
@@ -269,6 +288,119 @@ def static_cache_of(cache: "KVCache | AttentionStep | None") -> KVCache | None:
     None without one or for the paged engine's steps."""
     store = cache if isinstance(cache, KVCache) else getattr(cache, "cache", None)
     return store if isinstance(store, KVCache) else None
+
+
+# ---- token pruning (FastV) ------------------------------------------------------------------------
+@dataclass
+class TokenPruning:
+    """FastV (Chen et al. 2024, "An image is worth 1/2 tokens after layer 2"), training-free: blocks before
+    ``layer`` see every token; in block ``layer - 1`` the attention the last token pays each other token (mean
+    over heads, computed for that one query whatever attention path the layer takes) ranks the ``candidates``
+    (image tokens), and blocks from ``layer`` on see only the non-candidates and the top ``keep`` share of each
+    row's candidates (at least one). Kept tokens keep their positions and KV slots; a dropped token's output is
+    its hidden state after block ``layer - 1`` (nothing reads it: no label or next-token logit sits on an image
+    token), and hooks from block ``layer`` on see the shorter sequence. Applies to a prefill from an empty cache
+    (or without one); later tokens attend only to what was kept in those layers."""
+
+    layer: int
+    keep: float
+    candidates: Tensor  # [B, T] bool
+    scores: Tensor | None = None  # [B, T], set by block ``layer - 1``
+
+    def check(self, config: Config, b: int, t: int) -> None:
+        if not 1 <= self.layer < config.num_layers:
+            raise LmforgeError(f"token pruning after layer {self.layer}: the layer must be in 1..{config.num_layers - 1} "
+                               f"(the ranking is read from the attention of the block before it)")
+        if not 0 < self.keep <= 1:
+            raise LmforgeError(f"token pruning keeps a share in (0, 1] of the candidates, got {self.keep}")
+        if tuple(self.candidates.shape) != (b, t):
+            raise LmforgeError(f"token pruning candidates have shape {list(self.candidates.shape)}, the input "
+                               f"[{b}, {t}]")
+
+    def observe(self, attn: "Attention", q: Tensor, k: Tensor, valid: Tensor) -> None:
+        """Rank from this block's attention: the last query row over the call's keys (``valid`` [B, T])."""
+        if attn.n_kv != attn.n_heads:
+            k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+        scores = (q[:, :, -1:] @ k.transpose(-2, -1)).squeeze(2).float() * attn.scale  # [B, H, T]
+        if attn.softcap is not None:
+            scores = torch.tanh(scores / attn.softcap) * attn.softcap
+        t = k.shape[2]
+        if attn.window is not None:
+            valid = valid & (torch.arange(t, device=valid.device) > t - 1 - attn.window)
+        self.scores = scores.masked_fill(~valid[:, None], float("-inf")).softmax(-1).mean(1)
+
+    def compact(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+                step: "ContiguousStep") -> tuple[Tensor, Tensor | None, Tensor | None, "PrunedStep", Tensor]:
+        """The kept tokens, left-padded to the longest row: (x, cos, sin, the step later blocks use, kept [B, T])."""
+        if self.scores is None:
+            raise LmforgeError(f"token pruning after layer {self.layer}: block {self.layer - 1} has no self-attention "
+                               "to rank the candidates by")
+        valid = step.valid[:, :x.shape[1]]
+        candidates = self.candidates & valid
+        count = candidates.sum(1)
+        keep_n = torch.where(count > 0, (count * self.keep).round().clamp(min=1), count).long()
+        order = self.scores.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        kept = ~candidates | (rank < keep_n[:, None])
+        # Each row: its dropped tokens, then its kept ones, both in order; the last T' entries are the kept tokens
+        # behind as many dropped ones as the row dropped beyond the row that dropped fewest (they pad, masked out).
+        t_kept = int(kept.sum(1).max())
+        arange = torch.arange(x.shape[1], device=x.device)
+        index = (arange + x.shape[1] * kept).argsort(1)[:, -t_kept:]
+        real = kept.gather(1, index)  # entries that are kept tokens (left padding included), not row padding
+        x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        if cos is not None:
+            gather = index[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+            cos, sin = cos.gather(2, gather), sin.gather(2, gather)
+        return x, cos, sin, PrunedStep(step, self.layer, index, real, (kept & valid).gather(1, index)), kept
+
+
+class PrunedStep:
+    """The KV step of the blocks after a ``TokenPruning``: the kept tokens (``index`` [B, T'] into the call; ``real``
+    False where an entry only pads a row, ``attended`` False there and on left padding) store k/v at their own
+    slots; attention runs over the kept real tokens only."""
+
+    def __init__(self, base: ContiguousStep, layer: int, index: Tensor, real: Tensor, attended: Tensor) -> None:
+        if base.start != 0:
+            raise LmforgeError("token pruning (FastV) runs on a prompt's prefill from an empty cache")
+        self.base, self.index, self.real = base, index, real
+        self.positions = base.positions.gather(1, index)
+        q_slots = index  # start is 0: a token's slot is its index in the call
+        cache = base.cache
+        if cache is not None:
+            end = base.t
+            if cache.valid_pruned is None:
+                cache.valid_pruned = cache.valid.clone()
+            cache.pruned_from = layer
+            cache.valid_pruned[:, :end] = False
+            cache.valid_pruned[:, :end].scatter_(1, index, attended)
+            key_slots, key_valid = torch.arange(end, device=index.device)[None], cache.valid_pruned[:, :end]
+        else:
+            key_slots, key_valid = index, attended
+        self._allowed = (key_slots[:, None, :] <= q_slots[:, :, None]) & key_valid[:, None, :]
+        self._distance = q_slots[:, :, None] - key_slots[:, None, :]
+        self._masks: dict[int | None, Tensor] = {}
+
+    def mask_for(self, window: int | None) -> Tensor:
+        if window not in self._masks:
+            allowed = self._allowed if window is None else self._allowed & (self._distance < window)
+            self._masks[window] = (allowed | (self._distance == 0))[:, None]  # padding sees itself (no NaN)
+        return self._masks[window]
+
+    def context(self, attn: "Attention", k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        cache = self.base.cache
+        if cache is not None:
+            slots = self.index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            cache.keys[layer][:, :, :self.base.t].scatter_(2, slots, k)
+            cache.values[layer][:, :, :self.base.t].scatter_(2, slots, v)
+            k, v = cache.keys[layer][:, :, :self.base.t], cache.values[layer][:, :, :self.base.t]
+        return k, v, self.mask_for(attn.window)
+
+    def attend(self, attn: "Attention", q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        return attn.attention(q, *self.context(attn, k, v, layer))
+
+    def begin(self, attention_mask: Tensor) -> "PrunedStep":
+        return self
 
 
 @dataclass
@@ -328,8 +460,9 @@ class ForwardContext:
     cross-attention layers attend to."""
 
     def __init__(self, kv: AttentionStep, hooks: Mapping[str, Hook | Sequence[Hook]] | None,
-                 collect_router_logits: bool, cross_attention: CrossAttentionInputs | None = None) -> None:
-        self.kv, self.hooks = kv, hooks or None
+                 collect_router_logits: bool, cross_attention: CrossAttentionInputs | None = None,
+                 pruning: TokenPruning | None = None) -> None:
+        self.kv, self.hooks, self.pruning = kv, hooks or None, pruning
         self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
         self.cross_attention = cross_attention
 
@@ -396,6 +529,8 @@ class Attention(nn.Module):
         if cos is not None:
             q = ctx.hook_heads(names["attn.hook_rot_q"], apply_rope(q, cos, sin))
             k = ctx.hook_heads(names["attn.hook_rot_k"], apply_rope(k, cos, sin))
+        if ctx.pruning is not None and layer == ctx.pruning.layer - 1:
+            ctx.pruning.observe(self, q, k, ctx.kv.valid[:, :t])
         if ctx.hooks_any(self.explicit_hook_names):
             y = self.explicit_attention(q, *self._stored_context(ctx, k, v, layer), ctx)
         else:
@@ -406,7 +541,7 @@ class Attention(nn.Module):
     def _stored_context(self, ctx: ForwardContext, k: Tensor, v: Tensor,
                         layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """The keys, values and mask of the whole context, for the explicit path (the KV store still keeps k/v)."""
-        if not isinstance(ctx.kv, (ContiguousStep, SlotStep)):
+        if not isinstance(ctx.kv, (ContiguousStep, SlotStep, PrunedStep)):
             raise LmforgeError(
                 f"{' / '.join(self.explicit_hook_names)} need the whole attention matrix, which a forward pass "
                 f"computes without a KV store or with the static KVCache; {type(ctx.kv).__name__} (the paged "
@@ -728,7 +863,7 @@ class Transformer(nn.Module):
                 cache: "KVCache | AttentionStep | None" = None, position_ids: Tensor | None = None,
                 logits_to_keep: int | Tensor = 0, return_hidden: bool = False, inputs_embeds: Tensor | None = None,
                 hooks: Mapping[str, Hook | Sequence[Hook]] | None = None,
-                cross_attention: CrossAttentionInputs | None = None) -> Tensor:
+                cross_attention: CrossAttentionInputs | None = None, prune: TokenPruning | None = None) -> Tensor:
         """Logits [B, T, vocab]: embed -> blocks -> final norm -> LM head (the only path, every caller).
 
         ``input_ids`` [B, T] or ``inputs_embeds`` [B, T, hidden] (e.g. image features spliced in; the
@@ -740,7 +875,7 @@ class Transformer(nn.Module):
         the final-normed hidden states instead of logits. ``hooks``: {name: fn or [fns]} at the points ``hook_names()`` lists (see
         ``BLOCK_HOOK_POINTS``); an unknown name is an ``LmforgeError``. ``cross_attention``: what the
         cross-attention layers attend to (Llama 3.2 Vision; None: what the static cache kept at the prefill, or
-        nothing, when those layers are skipped).
+        nothing, when those layers are skipped). ``prune``: FastV token pruning of this prefill (``TokenPruning``).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -756,7 +891,13 @@ class Transformer(nn.Module):
         if cross_attention is None and cfg.cross_attention_layers:
             cache_store = static_cache_of(step)
             cross_attention = cache_store.cross_attention if cache_store is not None else None
-        ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0, cross_attention=cross_attention)
+        if prune is not None:
+            prune.check(cfg, b, t)
+            if not isinstance(step, ContiguousStep) or step.start != 0:
+                raise LmforgeError("token pruning (FastV) runs on a prompt's prefill from an empty static cache or "
+                                   "without a cache, not on the paged engine or after cached tokens")
+        ctx = ForwardContext(step, hooks, collect_router_logits=cfg.num_experts > 0, cross_attention=cross_attention,
+                             pruning=prune)
 
         x = self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = ctx.hook("hook_embed", x)
@@ -766,12 +907,18 @@ class Transformer(nn.Module):
         else:
             cos, sin = self._rope(positions, x.dtype)
 
+        before_pruning = kept = None
         for block in self.model.layers:
+            if prune is not None and block.layer == prune.layer:
+                before_pruning = x
+                x, cos, sin, ctx.kv, kept = prune.compact(x, cos, sin, step)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = block(x, cos, sin, ctx)
         self.last_router_logits = ctx.router_logits
+        if kept is not None:  # back to [B, T]: the dropped tokens keep their state from before the pruning
+            x = before_pruning.masked_scatter(kept[..., None], x[ctx.kv.real])
         if isinstance(logits_to_keep, Tensor):
             x = x[logits_to_keep] if logits_to_keep.dtype == torch.bool else x[:, logits_to_keep]
         elif logits_to_keep:

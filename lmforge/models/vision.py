@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -180,13 +181,23 @@ class VisionAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h, bias=config.attention_bias)
                                                               for _ in range(4))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``mask`` [N, 1, T, T] bool (True = may attend): the tiled encoder's padding (Llama 3.2 Vision)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, size: Tensor | None = None) -> Tensor:
+        """``mask`` [N, 1, T, T] bool (True = may attend): the tiled encoder's padding (Llama 3.2 Vision).
+        ``size`` [N, T]: under token merging, how many patches each token stands for (``attend``)."""
+        return self.attend(x, mask, size)[0]
+
+    def attend(self, x: Tensor, mask: Tensor | None = None, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(the output [N, T, hidden], the keys [N, heads, T, head_dim]: ToMe's similarity metric, for free).
+        ``size``: ToMe's proportional attention, log(size) added to every query's logit for each key, so a token
+        that averages s patches weighs as the s patches did (softmax of s equal logits)."""
         b, t, _ = x.shape
         q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if size is not None:
+            bias = size.log().to(q.dtype)[:, None, None, :]  # [N, 1, 1, T]: per key, every head and query
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim ** -0.5
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), k
 
     def attention_received(self, x: Tensor, from_first: bool) -> Tensor:
         """[N, T]: the attention each token receives in this layer for input ``x`` [N, T, hidden] (already
@@ -225,10 +236,103 @@ class VisionBlock(nn.Module):
         self.mlp_gate = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        h = self.attn(self.attn_norm(x), mask)
-        x = x + (h if self.attn_gate is None else self.attn_gate.tanh() * h)
+        return self.mlp_step(self.attention_step(x, mask)[0])
+
+    # The two residual halves apart: token merging (ToMe) happens between them.
+    def attention_step(self, x: Tensor, mask: Tensor | None = None, size: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """(x + attn(norm(x)), the attention's keys [N, heads, T, head_dim]); ``size`` as ``VisionAttention.attend``."""
+        h, keys = self.attn.attend(self.attn_norm(x), mask, size)
+        return x + (h if self.attn_gate is None else self.attn_gate.tanh() * h), keys
+
+    def mlp_step(self, x: Tensor) -> Tensor:
         h = self.mlp(self.mlp_norm(x))
         return x + (h if self.mlp_gate is None else self.mlp_gate.tanh() * h)
+
+
+# ---- token merging (ToMe: Bolya et al. 2023, "Token Merging: Your ViT but Faster") ------------------------------
+@dataclass
+class MergedTokens:
+    x: Tensor  # [N, T, hidden]
+    size: Tensor  # [N, T] float32: how many original tokens each token is the average of
+    first: Tensor  # [N, T] long: each token's smallest original index; the tokens stay sorted by it
+
+
+def fewest_tokens(tokens: int, protected: int, blocks: int) -> int:
+    """The fewest tokens ToMe can leave after ``blocks`` merges of ``tokens``: each merge takes at most half of the
+    mergeable ones (all but the ``protected`` first), as its bipartite matching pairs each of set A with set B."""
+    mergeable = tokens - protected
+    for _ in range(blocks):
+        mergeable -= mergeable // 2
+    return mergeable + protected
+
+
+def merge_schedule(tokens: int, protected: int, blocks: int, target: int) -> list[int]:
+    """Tokens to merge in each of ``blocks`` blocks (ToMe's r) so ``tokens`` become exactly ``target``: ToMe's
+    constant schedule (the remainder in the first blocks), raised in a block only where the later blocks, at most
+    halving each, could not reach the target otherwise. ``LmforgeError`` for a target out of reach."""
+    lowest = fewest_tokens(tokens, protected, blocks)
+    if not lowest <= target <= tokens:
+        raise LmforgeError(f"token merging cannot turn {tokens} tokens into {target} in {blocks} block(s): "
+                           f"reachable are {lowest}..{tokens}")
+    mergeable, goal = tokens - protected, target - protected
+    schedule = []
+    for left in range(blocks, 0, -1):
+        r = -(-(mergeable - goal) // left)  # an even share, rounded up
+        while fewest_tokens(mergeable - r, 0, left - 1) > goal:
+            r += 1  # stays <= mergeable // 2: the target is reachable from here
+        schedule.append(r)
+        mergeable -= r
+    return schedule
+
+
+def merge_tokens(x: Tensor, metric: Tensor, r: int, size: Tensor | None = None, first: Tensor | None = None,
+                 protected: int = 0) -> MergedTokens:
+    """ToMe's bipartite soft matching: ``r`` fewer tokens in ``x`` [N, T, hidden]. The ``protected`` first tokens
+    (a class token) are kept as they are; the rest alternate into sets A and B, each A token's most similar B token
+    (cosine of ``metric`` [N, T, dim], ToMe's keys averaged over heads) is its edge, and the ``r`` most similar
+    edges merge their A token into the B token, weighted by ``size`` (None: ones). Every result token is the
+    size-weighted mean of its group; the tokens are ordered by ``first`` (None: the positions), so merged tokens
+    keep their patches' raster order."""
+    n, t, d = x.shape
+    if size is None:
+        size = torch.ones(n, t, device=x.device)
+    if first is None:
+        first = torch.arange(t, device=x.device).expand(n, t)
+    mergeable = t - protected
+    if not 0 <= r <= mergeable // 2:
+        raise LmforgeError(f"token merging takes 0..{mergeable // 2} of {mergeable} mergeable tokens in one step "
+                           f"(half, at most), not {r}")
+    if r == 0:
+        return MergedTokens(x, size, first)
+    keys = F.normalize(metric[:, protected:].float(), dim=-1)
+    scores = keys[:, ::2] @ keys[:, 1::2].transpose(1, 2)  # [N, |A|, |B|] cosine similarities
+    best, match = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)  # stable: ties go to the earlier A token
+    src, stay = order[:, :r], order[:, r:]
+    dst = match.gather(1, src)
+
+    def halves(v: Tensor) -> tuple[Tensor, Tensor]:
+        v = v[:, protected:]
+        return v[:, ::2], v[:, 1::2]
+
+    def rows(v: Tensor, index: Tensor) -> Tensor:
+        return v.gather(1, index[..., None].expand(-1, -1, v.shape[-1]) if v.dim() == 3 else index)
+
+    sums = x.float() * size[..., None]  # merge sums in float32: a mean over many bf16 patches stays exact-ish
+    (sum_a, sum_b), (size_a, size_b), (first_a, first_b) = halves(sums), halves(size), halves(first)
+    sum_b = sum_b.scatter_add(1, dst[..., None].expand(-1, -1, d), rows(sum_a, src))
+    size_b = size_b.scatter_add(1, dst, rows(size_a, src))
+    first_b = first_b.scatter_reduce(1, dst, rows(first_a, src), reduce="amin")
+    group_sum = torch.cat([rows(sum_a, stay), sum_b], dim=1)
+    group_size = torch.cat([rows(size_a, stay), size_b], dim=1)
+    group_first = torch.cat([rows(first_a, stay), first_b], dim=1)
+    place = group_first.argsort(dim=1)  # back to the order of each group's first original token
+    group_size = group_size.gather(1, place)
+    merged = (rows(group_sum, place) / group_size[..., None]).to(x.dtype)
+    return MergedTokens(torch.cat([x[:, :protected], merged], dim=1),
+                        torch.cat([size[:, :protected], group_size], dim=1),
+                        torch.cat([first[:, :protected], group_first.gather(1, place)], dim=1))
 
 
 class AttentionPooling(nn.Module):
@@ -253,10 +357,14 @@ class VisionOutput:
     hidden_states: list[Tensor]
     last_hidden_state: Tensor  # the last block's output (post-normed where pooling is not "cls")
     pooled: Tensor | None  # [N, hidden]: the post-normed class token ("cls") or the MAP head's output ("map")
+    # Under token merging (``VisionTransformer.forward``'s ``merge``): the last block's output with its tokens' patch
+    # counts and first patches; the hidden states shrink from the first merging block on.
+    merged: MergedTokens | None = None
 
 
 class VisionTransformer(nn.Module):
-    """``model(pixel_values [N, C, image_size, image_size])`` -> ``VisionOutput``."""
+    """``model(pixel_values [N, C, image_size, image_size])`` -> ``VisionOutput``; ``merge=`` turns on token
+    merging (ToMe)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -271,7 +379,10 @@ class VisionTransformer(nn.Module):
         self.post_norm = nn.LayerNorm(h, eps=config.norm_eps)
         self.head = AttentionPooling(config) if config.pooling == "map" else None
 
-    def forward(self, pixel_values: Tensor) -> VisionOutput:
+    def forward(self, pixel_values: Tensor, merge: Sequence[int] | None = None) -> VisionOutput:
+        """``merge``: ToMe, training-free: r tokens fewer after the attention of each block, in order (missing
+        entries: 0); the class token is never merged and stays first. After the first merge, attention is
+        proportional (``VisionAttention.attend``). None (or only zeros) computes exactly the plain forward."""
         cfg = self.config
         want = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
@@ -286,13 +397,33 @@ class VisionTransformer(nn.Module):
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         hidden_states = [x]
-        for block in self.layers:
-            x = block(x)
-            hidden_states.append(x)
+        merged = None
+        if merge is None:
+            for block in self.layers:
+                x = block(x)
+                hidden_states.append(x)
+        else:
+            schedule = list(merge)
+            if len(schedule) > len(self.layers) or not all(_is_int(r) and r >= 0 for r in schedule):
+                raise LmforgeError(f"merge must be at most {len(self.layers)} non-negative integers (tokens merged "
+                                   f"in each block), got {merge!r}")
+            schedule += [0] * (len(self.layers) - len(schedule))
+            protected = int(cfg.class_token)
+            for block, r in zip(self.layers, schedule):
+                # size stays None until the first merge: no proportional bias, the plain forward's numbers
+                x, keys = block.attention_step(x, size=None if merged is None else merged.size)
+                if r:
+                    merged = merge_tokens(x, keys.mean(dim=1), r, None if merged is None else merged.size,
+                                          None if merged is None else merged.first, protected)
+                    x = merged.x
+                x = block.mlp_step(x)
+                hidden_states.append(x)
+            if merged is not None:
+                merged = dataclasses.replace(merged, x=x)
         if cfg.pooling == "cls":
-            return VisionOutput(hidden_states, x, self.post_norm(x[:, 0]))
+            return VisionOutput(hidden_states, x, self.post_norm(x[:, 0]), merged)
         x = self.post_norm(x)
-        return VisionOutput(hidden_states, x, self.head(x) if self.head is not None else None)
+        return VisionOutput(hidden_states, x, self.head(x) if self.head is not None else None, merged)
 
 
 def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> list[TensorMap]:
@@ -334,9 +465,9 @@ def vision_weight_map(config: VisionConfig, hf_prefix: str, our_prefix: str) -> 
     return maps
 
 
-__all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VISION_LANGUAGE_MODEL_TYPES", "VisionConfig", "VisionOutput",
-           "VisionTransformer", "activation_from_hf",
-           "activation_to_hf", "vision_activation", "vision_weight_map"]
+__all__ = ["SUPPORTED_VISION_MODEL_TYPES", "VISION_LANGUAGE_MODEL_TYPES", "MergedTokens", "VisionConfig",
+           "VisionOutput", "VisionTransformer", "activation_from_hf", "activation_to_hf", "fewest_tokens",
+           "merge_schedule", "merge_tokens", "vision_activation", "vision_weight_map"]
 
 
 class VisionLanguageModel(nn.Module):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.commands import command
+from lmforge.errors import LmforgeError
 from lmforge.quickstart.pretrain_sft import RECIPES, sft_checkpoint
 
 
@@ -183,10 +184,12 @@ def _question(record: dict[str, Any]) -> str:
 
 
 def vision_answers(model_dir: Path, records: list[dict[str, Any]], batch_size: int = 50,
-                   max_new_tokens: int = 4, visual_token_fraction: float = 1.0) -> tuple[list[str], dict[str, float]]:
+                   max_new_tokens: int = 4,
+                   reduction: dict[str, float] | None = None) -> tuple[list[str], dict[str, float]]:
     """Greedy answers of a vision-language model to each record's image and question, and its cost: decoder
     positions per example and the median prefill seconds per batch (the vision encoder included).
-    ``visual_token_fraction``: a LLaVA's HiRED-style token budget (``LlavaForConditionalGeneration``)."""
+    ``reduction``: a LLaVA's visual token reduction switches set on the model (``LlavaForConditionalGeneration``:
+    ``visual_token_fraction``, ``visual_token_merge``, ``fastv_keep`` / ``fastv_layer``)."""
     import torch
 
     from lmforge.data.image_processor import load_image, load_processor
@@ -194,8 +197,11 @@ def vision_answers(model_dir: Path, records: list[dict[str, Any]], batch_size: i
     from lmforge.models.generate import default_eos_ids, generate
 
     model, processor = load_model(model_dir), load_processor(model_dir)
-    if visual_token_fraction != 1.0:
-        model.visual_token_fraction = visual_token_fraction
+    for name, value in (reduction or {}).items():
+        if not hasattr(model, name):
+            raise LmforgeError(f"{type(model).__name__} has no visual token reduction switch {name!r}")
+        setattr(model, name, value)
+    if reduction:
         processor.tokens_per_image = model.tokens_per_image
     stops = list(dict.fromkeys([*processor.tokenizer.eos_ids, *default_eos_ids(model)]))
     answers, prefill, positions = [], [], []

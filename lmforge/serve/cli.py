@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmforge.commands import DEVICE_FLAG, QUANTIZE_FLAG, command
+from lmforge.commands import DEVICE_FLAG, QUANTIZE_FLAG, VISUAL_TOKENS_FLAG, command
 from lmforge.models.thinking import add_thinking_flags, budget_from_args
 from lmforge.serve.limits import add_limit_flags, limits_from_args
 
@@ -89,6 +89,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
                    help="an image for a vision-language model (model_type llava or mllama), sent with your first "
                         "message (before its text); repeat for several. In the chat, /image PATH attaches one to "
                         "your next message")
+    p.add_argument("--visual-tokens", **VISUAL_TOKENS_FLAG)
     add_thinking_flags(p)
 
 
@@ -128,6 +129,10 @@ def chat_cmd(args: argparse.Namespace) -> int:
     processor = None
     if images is not None or _is_vision_model(model):
         processor = _chat_processor(model, args.model, required=images is not None)
+    if args.visual_tokens:
+        from lmforge.models.llava import set_visual_tokens
+
+        set_visual_tokens(model, args.visual_tokens, processor)
     return chat_loop(model, tokenizer, read=_read_terminal if sys.stdin.isatty() else _read_piped,
                      system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, seed=args.seed, thinking_budget=thinking, processor=processor, images=images)

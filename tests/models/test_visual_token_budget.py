@@ -106,3 +106,33 @@ def test_budget_in_generate_and_the_engine_agree(llava, fraction):
     finally:
         model.visual_token_fraction = 1.0
         processor.tokens_per_image = model.config.num_image_tokens
+
+
+def test_engine_prefix_cache_keys_images_by_their_budget_too(llava):
+    """The same image and text under two budgets that give the same token count (HiRED's top half, ToMe's merged
+    half) are different features: the second request must not reuse the first one's image blocks."""
+    _, model, processor = llava
+    img = Image.new("RGB", (40, 36), (30, 160, 90))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    try:
+        for switch in ("visual_token_fraction", "visual_token_merge"):
+            setattr(model, switch, 0.5)
+            processor.tokens_per_image = model.tokens_per_image
+            batch = processor("USER: <image> what is this ? ASSISTANT:", [img])
+            want = generate(model, batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=4,
+                            eos_ids=())[0].tolist()
+            ids = batch["input_ids"][0].tolist()
+            before = engine.stats["prompt_computed_tokens"]
+            rid = engine.add_request(ids, params, pixel_values=batch["pixel_values"])
+            out = None
+            while engine.has_unfinished():
+                for o in engine.step():
+                    if o.finished and o.request_id == rid:
+                        out = list(o.outputs[0].token_ids)
+            assert out == want
+            assert engine.stats["prompt_computed_tokens"] - before == len(ids)  # nothing reused from the other budget
+            setattr(model, switch, 1.0)
+    finally:
+        model.visual_token_fraction = model.visual_token_merge = 1.0
+        processor.tokens_per_image = model.config.num_image_tokens
