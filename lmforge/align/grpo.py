@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmforge.align.losses import group_advantages, grpo_loss, token_logprobs
+from lmforge.align.losses import group_advantages, grpo_loss, token_logprobs_at
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
@@ -98,21 +98,39 @@ class GRPOTrainer(OnPolicyTrainer):
         filled = torch.where(valid, r, r.nan_to_num(0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1))
         adv = group_advantages(filled, scale=cfg.scale_advantages) * valid
         batch = self.to_device(_sequences(prompts, completions, self.pad_id))
-        # The sampling policy's and the reference's log-probs, fixed for all updates on this batch.
-        batch["old_logps"] = token_logprobs(self.harness.forward(batch, self.model), batch["labels"])
+        # The sampling policy's and the reference's log-probs, fixed for all updates on this batch. With a single
+        # optimizer step per rollout the sampling policy is the one being updated, unchanged until that step:
+        # ``objective`` takes its log-probs (detached) from the update's own forward instead of a second one.
+        if not self.single_update:
+            batch["old_logps"] = self.completion_logprobs(batch, self.model)
         if self.reference is not None:
-            batch["ref_logps"] = token_logprobs(self.harness.forward(batch, self.reference), batch["labels"])
+            batch["ref_logps"] = self.completion_logprobs(batch, self.reference)
         new_tokens = sum(len(c) for c in completions)
         stats = {"reward": float(r[valid].mean()) if valid.any() else math.nan,
                  "solved_groups": float((r.nan_to_num(0).amax(1) > 0).float().mean()),
                  "completion_len": new_tokens / len(completions), "rollout_tok_s": new_tokens / max(rollout_s, 1e-9)}
         return Rollout(batch, adv.flatten().to(self.device), stats)
 
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per rollout (one pass, one minibatch): the policy that sampled is the one updated."""
+        rows = self.prompts_per_rank * self.cfg.group_size
+        return self.epochs == 1 and (self.minibatch is None or self.minibatch >= rows)
+
+    def completion_logprobs(self, batch: dict[str, torch.Tensor], module) -> torch.Tensor:
+        """``module``'s log-probs of the completion tokens ``[B, T]`` (0 elsewhere); the LM head runs on them only."""
+        labels = batch["labels"]
+        return token_logprobs_at(self.forward_rows(batch, module, logits_to_keep=labels != IGNORE_INDEX), labels)
+
+    def forward_kwargs(self, minibatch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"logits_to_keep": minibatch["labels"] != IGNORE_INDEX}  # logits [N, vocab] on the completions
+
     def objective(self, logits: torch.Tensor, minibatch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
-        logps = token_logprobs(logits, minibatch["labels"])
+        logps = token_logprobs_at(logits, minibatch["labels"])
         mask = minibatch["labels"] != IGNORE_INDEX
-        loss, clip_frac, kl = grpo_loss(logps, minibatch["old_logps"], minibatch.get("ref_logps"),
+        old = minibatch.get("old_logps")
+        loss, clip_frac, kl = grpo_loss(logps, logps.detach() if old is None else old, minibatch.get("ref_logps"),
                                         minibatch["advantages"], mask, cfg.clip_eps, cfg.beta)
         return loss, {"loss": loss.detach(), "kl": kl, "clip_fraction": clip_frac}

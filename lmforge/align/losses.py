@@ -61,6 +61,19 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll.view(labels.shape)
 
 
+def token_logprobs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``token_logprobs`` from logits computed at the labelled positions only: ``logits [N, vocab]`` for the N
+    positions where ``labels [B, T]`` is not IGNORE_INDEX, row-major (what a model returns for the boolean
+    ``logits_to_keep = labels != IGNORE_INDEX``). Returns ``[B, T]``, 0 off the labels, the same values as
+    ``token_logprobs`` on the full logits: the LM head and the softmax skip the prompt and the padding."""
+    keep = labels != IGNORE_INDEX
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        raise LmforgeError(f"logits {tuple(logits.shape)} are not one row per label of {tuple(labels.shape)} "
+                           f"({int(keep.sum())} labels)")
+    nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    return torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, -nll)
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """log pi(y | x) of each sequence ``[B]``: the sum (or, with ``average``, the mean) of the target
     tokens' log-probabilities. Length-averaged values are what IPO and SimPO expect."""
@@ -353,4 +366,4 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
 
 __all__ = ["bradley_terry_loss", "dpo_loss", "gae", "group_advantages", "grpo_loss", "kl_penalty", "masked_mean",
            "masked_sum", "ppo_policy_loss", "ppo_value_loss", "sequence_logprobs", "simpo_loss", "token_logprobs",
-           "whiten", "with_chosen_nll"]
+           "token_logprobs_at", "whiten", "with_chosen_nll"]

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from lmforge.align.grpo import _sequences
-from lmforge.align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs, whiten
+from lmforge.align.losses import (gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs_at,
+                                  whiten)
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
@@ -104,9 +105,10 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.policy(input_ids, attention_mask, return_hidden=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits_to_keep`` as the policy's (a [B, T] boolean mask: logits [N, vocab] and values [N] there)."""
+        hidden = self.policy(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_to_keep)
         return self.policy.unembed(hidden), self.value_head(hidden.float()).squeeze(-1)  # values in float32 whatever the model dtype
 
 
@@ -118,6 +120,11 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
         return 0.0
     diff = returns - values
     return float(1 - masked_mean((diff - masked_mean(diff, mask)) ** 2, mask) / var_r)
+
+
+def _at(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values ``[N]`` at the True positions of ``mask [B, T]`` (row-major) -> ``[B, T]``, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -187,11 +194,13 @@ class PPOTrainer(OnPolicyTrainer):
         labels = batch["labels"]
         mask = labels != IGNORE_INDEX
         self.module.eval()
-        logits, values = self.harness.forward(batch, self.module)
-        logps = token_logprobs(logits, labels)
+        # Logits and values on the completion tokens only (the LM head skips the prompt and the padding).
+        logits, values = self.forward_rows(batch, self.module, logits_to_keep=mask)
+        logps = token_logprobs_at(logits, labels)
+        values = _at(values, mask)
         del logits
         if self.reference is not None:
-            ref_logps = token_logprobs(self.harness.forward(batch, self.reference), labels)
+            ref_logps = token_logprobs_at(self.forward_rows(batch, self.reference, logits_to_keep=mask), labels)
         else:
             ref_logps = logps
         kl = torch.where(mask, kl_penalty(logps, ref_logps, "k1"), torch.zeros_like(logps))
@@ -201,7 +210,6 @@ class PPOTrainer(OnPolicyTrainer):
         last = (mask * positions).argmax(-1)
         rows = torch.arange(mask.shape[0], device=mask.device)
         rewards[rows, last] += torch.where(valid, scores, torch.zeros_like(scores)).to(rewards.device)
-        values = torch.where(mask, values, torch.zeros_like(values))
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.normalize_advantages:
             advantages = whiten(advantages, mask)
@@ -215,12 +223,16 @@ class PPOTrainer(OnPolicyTrainer):
                  "rollout_tok_s": new_tokens / max(rollout_s, 1e-9)}
         return Rollout(batch, advantages, stats)
 
+    def forward_kwargs(self, minibatch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"logits_to_keep": minibatch["labels"] != IGNORE_INDEX}  # logits and values on the completions
+
     def objective(self, outputs: tuple[torch.Tensor, torch.Tensor], mb: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
         logits, values = outputs
-        logps = token_logprobs(logits, mb["labels"])
+        logps = token_logprobs_at(logits, mb["labels"])
         mask = mb["labels"] != IGNORE_INDEX
+        values = _at(values, mask)
         policy_loss, clip_frac, approx_kl = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask,
                                                             cfg.clip_eps)
         value_loss = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, cfg.value_clip_eps)

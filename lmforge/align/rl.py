@@ -159,12 +159,24 @@ class OnPolicyTrainer:
         and detached stats to log."""
         raise NotImplementedError
 
+    def forward_kwargs(self, minibatch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments for the trained module's forward on ``minibatch`` (e.g. ``logits_to_keep``)."""
+        return {}
+
     def loss(self, minibatch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The forward of the trained module on ``minibatch``, then ``objective``. The minibatch's all-padding
         tail columns (rows are right-padded) are dropped first: less work, the same result."""
         width = int(minibatch["attention_mask"].sum(-1).max())
         mb = {k: v[:, :width] if v.dim() == 2 else v for k, v in minibatch.items()}
-        return self.objective(self.harness.forward(mb), mb)
+        return self.objective(self.forward_rows(mb, **self.forward_kwargs(mb)), mb)
+
+    def forward_rows(self, batch: dict[str, torch.Tensor], module: nn.Module | None = None, **kwargs: Any) -> Any:
+        """``harness.forward`` on right-padded rows (every row: its real tokens, then padding), without the
+        padding mask. Under the causal mask alone a real token attends only to the real tokens before it and
+        keeps its position, so its output is what the masked forward gives; only the padding positions' outputs
+        change, and nothing reads them (their labels are IGNORE_INDEX). SDPA then takes its causal fast path."""
+        return self.harness.forward({"input_ids": batch["input_ids"],
+                                     "attention_mask": torch.ones_like(batch["attention_mask"])}, module, **kwargs)
 
     # -- helpers for rollouts --
     def prompts_of(self, step: int, repeat: int = 1) -> tuple[list[int], list[list[int]], list[str | None]]:

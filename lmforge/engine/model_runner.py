@@ -74,10 +74,12 @@ class PagedStep:
     """The model's ``AttentionStep`` (see ``lmforge.models.model``) over the paged pool, for one engine step."""
 
     def __init__(self, positions: Tensor, k_pool: list[Tensor], v_pool: list[Tensor], new_slots: Tensor,
-                 decode_rows: Tensor, decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor,
+                 decode_rows: Tensor | slice, decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor,
                  chunks: list[_Chunk]) -> None:
         self.positions = positions  # [1, N]
         self.k_pool, self.v_pool, self.new_slots = k_pool, v_pool, new_slots  # new_slots: pool slot per new token [N]
+        # decode_rows: the decode tokens' rows of the step, [B] or (packed first) a slice, which reads and writes
+        # them as a view instead of an index gather/scatter over the head dimension's neighbour
         self.decode_rows, self.decode_blocks = decode_rows, decode_blocks  # [B], [B, blocks_max] (padding -> block 0)
         self.decode_valid, self.decode_pos = decode_valid, decode_pos  # [B, S_max] bool, [B] query positions
         self.chunks = chunks
@@ -101,8 +103,8 @@ class PagedStep:
         v_pool.flatten(0, 1).index_copy_(0, self.new_slots, v[0].transpose(0, 1))
         # Gather whole blocks (index_select copies contiguous block_size * K * D runs), not single slots.
         y = torch.empty_like(q)
-        if self.decode_rows.numel():
-            b, s_max = self.decode_valid.shape
+        b, s_max = self.decode_valid.shape
+        if b:
             qd = q[0][:, self.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
             blocks = self.decode_blocks.flatten()
             kd = k_pool.index_select(0, blocks).view(b, s_max, *k_pool.shape[2:]).transpose(1, 2)  # [B, K, S_max, D]
@@ -147,10 +149,14 @@ class ModelRunner:
         """Run every feed in one pass; float32 logits [sum of num_logits, vocab], feed by feed."""
         model, bs = self.model, self.block_size
         device = model.device
-        ids, q_pos, new_slots, rows = [], [], [], []
+        ids, q_pos, new_slots = [], [], []
         decode_rows, decode_tables, decode_lens, chunks = [], [], [], []
+        # Decode tokens are packed first, so every layer reads and writes their rows as one slice.
+        order = sorted(range(len(feeds)), key=lambda i: len(feeds[i].tokens) > 1)
+        feed_rows: list[range] = [range(0)] * len(feeds)
         row = 0
-        for feed in feeds:
+        for i in order:
+            feed = feeds[i]
             start, n = feed.start, len(feed.tokens)
             total = start + n
             ids.extend(feed.tokens)
@@ -165,7 +171,9 @@ class ModelRunner:
             else:
                 chunks.append(_Chunk(row, n, start, table.to(device)))
             row += n
-            rows.extend(range(row - feed.num_logits, row))
+            feed_rows[i] = range(row - feed.num_logits, row)
+        rows = [r for span in feed_rows for r in span]  # logits back in the callers' feed order
+        packed = [feeds[i] for i in order]
         to = dict(device=device, dtype=torch.long)
         input_ids = torch.tensor(ids, **to)[None]
         positions = torch.cat(q_pos).to(device)
@@ -176,10 +184,10 @@ class ModelRunner:
         lens = torch.tensor(decode_lens, dtype=torch.long)
         valid = torch.arange(width * bs)[None] < lens[:, None]
         step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
-                         torch.tensor(decode_rows, **to), padded.to(device), valid.to(device), (lens - 1).to(device),
+                         slice(0, len(decode_rows)), padded.to(device), valid.to(device), (lens - 1).to(device),
                          chunks)
-        hooks = self._steering_hooks(feeds, len(ids))
-        return model(**self._inputs(input_ids, feeds), cache=step, logits_to_keep=torch.tensor(rows, **to),
+        hooks = self._steering_hooks(packed, len(ids))
+        return model(**self._inputs(input_ids, packed), cache=step, logits_to_keep=torch.tensor(rows, **to),
                      hooks=hooks)[0].float()
 
     def _inputs(self, input_ids: Tensor, feeds: list[Feed]) -> dict[str, Tensor]:

@@ -97,18 +97,16 @@ def rope_inv_freq(config: Config, seq_len: int = 0) -> tuple[Tensor, float]:
     return inv_freq, 1.0
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]. Partial rotary leaves the tail untouched."""
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """RoPE's rotate-half form, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], written as
+    x * cos + [x2, x1] * [-sin, sin] (``signed_sin``, as ``Transformer._rope`` returns it): a roll and one fused
+    multiply-add instead of a negation, a concatenation, two products and a sum. x: [B, H, T, D]; cos/signed_sin:
+    [B, 1, T, rotary_dim]. Partial rotary leaves the tail untouched."""
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return torch.addcmul(x * cos, x.roll(rot // 2, dims=-1), signed_sin)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((torch.addcmul(x_rot * cos, x_rot.roll(rot // 2, dims=-1), signed_sin), x_pass), dim=-1)
 
 
 # ---- the KV interface -------------------------------------------------------------------------------
@@ -833,6 +831,7 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
 
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, signed sin) [B, 1, T, rotary_dim] of ``positions`` [B, T], as ``apply_rope`` takes them."""
         scaling = self.config.rope_scaling or {}
         max_pos = 1
         if scaling.get("rope_type") == "longrope" and positions.numel():
@@ -845,9 +844,9 @@ class Transformer(nn.Module):
             self._rope_cache[key] = (inv_freq.to(positions.device), attn_factor)
         inv_freq, attn_factor = self._rope_cache[key]
         freqs = positions[:, :, None].float() * inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * attn_factor, emb.sin() * attn_factor
-        return cos[:, None].to(dtype), sin[:, None].to(dtype)
+        cos, sin = freqs.cos() * attn_factor, freqs.sin() * attn_factor
+        # both halves of a head share the frequencies; the first half's sine is negated (see ``apply_rope``)
+        return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
     def token_embeddings(self, input_ids: Tensor) -> Tensor:
         """The tokens' input embeddings [B, T, hidden], times the family's embedding multiplier (Gemma's

@@ -142,3 +142,59 @@ def test_cli_config_layers(tmp_path):
     assert (cfg.steps, cfg.group_size, cfg.device) == (7, 2, "cpu")
     with pytest.raises(ConfigError, match="clip_eps"):
         config("clip_eps=-1")
+
+
+class _OldFormulaGRPO(GRPOTrainer):
+    """GRPO as it was computed before the rollout speed-ups: a masked forward with logits on every position, and
+    the sampling policy's log-probs from a separate no-grad forward even with one optimizer step per rollout."""
+
+    single_update = False
+
+    def forward_rows(self, batch, module=None, **kwargs):
+        return self.harness.forward(batch, module, **kwargs)
+
+    def completion_logprobs(self, batch, module):
+        from lmforge.align.losses import token_logprobs
+
+        return token_logprobs(self.harness.forward(batch, module), batch["labels"])
+
+    def forward_kwargs(self, minibatch):
+        return {}
+
+    def objective(self, logits, minibatch):
+        from lmforge.align.losses import grpo_loss, token_logprobs
+
+        logps = token_logprobs(logits, minibatch["labels"])
+        mask = minibatch["labels"] != IGNORE_INDEX
+        loss, clip_frac, kl = grpo_loss(logps, minibatch["old_logps"], minibatch.get("ref_logps"),
+                                        minibatch["advantages"], mask, self.cfg.clip_eps, self.cfg.beta)
+        return loss, {"loss": loss.detach(), "kl": kl, "clip_fraction": clip_frac}
+
+
+@pytest.mark.parametrize("updates_per_batch,mini_batch_size", [(1, None), (2, 4)])
+def test_fast_path_matches_the_old_formula(tok, tmp_path, updates_per_batch, mini_batch_size):
+    """LM head on completions only, no padding mask, and (one update per rollout) the old log-probs taken from
+    the update's own forward: the same samples, losses and weights as the plain formula, step after step."""
+    cfg = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, beta=0.05, seed=0,
+               save_every=0, progress=False, updates_per_batch=updates_per_batch, mini_batch_size=mini_batch_size)
+    prompts = [{"messages": [{"role": "user", "content": "Answer yes or no." + " maybe" * i}], "answer": "yes"}
+               for i in range(4)]  # prompts of different lengths: rows with padding
+    new = GRPOTrainer(tiny_model(), tok, prompts, starts_lowercase, GRPOConfig(**cfg), tmp_path / "new")
+    old = _OldFormulaGRPO(tiny_model(), tok, prompts, starts_lowercase, GRPOConfig(**cfg), tmp_path / "old")
+    assert new.single_update == (updates_per_batch == 1) and not old.single_update
+    b_new, b_old = new.rollout(0), old.rollout(0)
+    assert torch.equal(b_new.batch["input_ids"], b_old.batch["input_ids"])
+    assert (b_new.batch["attention_mask"] == 0).any()  # some padding is exercised
+    assert ("old_logps" in b_new.batch) == (updates_per_batch > 1)
+    mask = b_new.batch["labels"] != IGNORE_INDEX
+    torch.testing.assert_close(b_new.batch["ref_logps"][mask], b_old.batch["ref_logps"][mask], rtol=0, atol=1e-5)
+    if updates_per_batch > 1:
+        torch.testing.assert_close(b_new.batch["old_logps"][mask], b_old.batch["old_logps"][mask], rtol=0, atol=1e-5)
+    for _ in range(cfg["steps"]):
+        r_new, r_old = new.train_step(), old.train_step()
+        assert r_new["loss"] == pytest.approx(r_old["loss"], abs=1e-5)
+        assert r_new["kl"] == pytest.approx(r_old["kl"], abs=1e-5)
+        assert r_new["grad_norm"] == pytest.approx(r_old["grad_norm"], rel=1e-4)
+    for (name, p), q in zip(new.model.named_parameters(), old.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(new.model.parameters(), tiny_model().parameters()))

@@ -264,3 +264,24 @@ def test_grpo_without_kl_needs_no_reference_and_equal_advantages_give_zero_loss(
     assert loss.item() == 0.0 and kl.item() == 0.0
     with pytest.raises(LmforgeError, match="ref_logprobs"):
         grpo_loss(logp, logp, None, torch.zeros(2), torch.ones(2, 4), 0.2, 0.04)
+
+
+def test_token_logprobs_at_matches_full_logits():
+    from lmforge.align.losses import token_logprobs, token_logprobs_at
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = IGNORE_INDEX
+    labels[2, 3:] = IGNORE_INDEX
+    keep = labels != IGNORE_INDEX
+    full = token_logprobs(logits, labels)
+    (g_full,) = torch.autograd.grad(full.sum(), logits)
+    sub = logits[keep]  # what a model returns for logits_to_keep=keep
+    at = token_logprobs_at(sub, labels)
+    (g_at,) = torch.autograd.grad(at.sum(), logits)
+    torch.testing.assert_close(at, full.masked_fill(~keep, 0.0))
+    torch.testing.assert_close(g_at, g_full)
+    assert (at[~keep] == 0).all()
+    with pytest.raises(LmforgeError, match="one row per label"):
+        token_logprobs_at(logits[:, :2].flatten(0, 1), labels)

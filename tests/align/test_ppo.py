@@ -220,3 +220,36 @@ def test_cli_smoke(tok, tmp_path, capsys):
     assert "--reward 'nonsense'" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "x"), "--mini-batch-size", "3"]) == 2
     assert "multiple of 'mini_batch_size'" in capsys.readouterr().err
+
+
+class _FullLogitsPPO(PPOTrainer):
+    """PPO's forwards as they were: the masked forward with logits and values on every position (cut to the
+    completion tokens afterwards, where the loss reads them)."""
+
+    def forward_rows(self, batch, module=None, logits_to_keep=None, **kwargs):
+        out = self.harness.forward(batch, module)
+        if isinstance(out, tuple):
+            return tuple(o[logits_to_keep] for o in out)
+        return out[logits_to_keep]
+
+
+def test_completion_only_forward_matches_the_full_one(tok, tmp_path):
+    prompts = [{"messages": [{"role": "user", "content": "Answer yes or no." + " maybe" * i}], "answer": "yes"}
+               for i in range(4)]
+    kw = dict(steps=2, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=4, lr=1e-2, seed=0,
+              save_every=0, progress=False, kl_coef=0.05)
+    new = PPOTrainer(tiny_model(), tok, prompts, starts_lowercase, PPOConfig(**kw), tmp_path / "new")
+    old = _FullLogitsPPO(tiny_model(), tok, prompts, starts_lowercase, PPOConfig(**kw), tmp_path / "old")
+    for step in range(kw["steps"]):
+        r_new, r_old = new.rollout(step), old.rollout(step)
+        assert torch.equal(r_new.batch["input_ids"], r_old.batch["input_ids"])
+        assert (r_new.batch["attention_mask"] == 0).any()
+        for k in ("old_logps", "old_values", "returns"):
+            torch.testing.assert_close(r_new.batch[k], r_old.batch[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(r_new.advantages, r_old.advantages, rtol=0, atol=1e-4)
+        u_new, u_old = new.update(r_new, step), old.update(r_old, step)
+        for k in ("loss", "policy_loss", "value_loss", "grad_norm"):
+            assert u_new[k] == pytest.approx(u_old[k], rel=1e-4, abs=1e-6), k
+        new.update_reference(), old.update_reference()
+    for (name, p), q in zip(new.module.named_parameters(), old.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
