@@ -30,6 +30,11 @@ from lmforge.models.model import Hook, Transformer
 from lmforge.models.steering import HOOK_POINT, Steering
 
 
+# Feeds of at most this many tokens (decode steps, speculative verifications) attend as one padded batch; longer
+# ones (prefill chunks) each over their own context.
+SHORT_FEED_TOKENS = 8
+
+
 @dataclass
 class Feed:
     """What one sequence runs this step: ``tokens`` at positions ``start``.. (their KV lands in the blocks of
@@ -75,23 +80,28 @@ class PagedStep:
 
     def __init__(self, positions: Tensor, k_pool: list[Tensor], v_pool: list[Tensor], new_slots: Tensor,
                  decode_rows: Tensor | slice, decode_blocks: Tensor, decode_valid: Tensor, decode_pos: Tensor,
-                 chunks: list[_Chunk]) -> None:
+                 chunks: list[_Chunk], decode_real: Tensor | None = None) -> None:
         self.positions = positions  # [1, N]
         self.k_pool, self.v_pool, self.new_slots = k_pool, v_pool, new_slots  # new_slots: pool slot per new token [N]
-        # decode_rows: the decode tokens' rows of the step, [B] or (packed first) a slice, which reads and writes
-        # them as a view instead of an index gather/scatter over the head dimension's neighbour
-        self.decode_rows, self.decode_blocks = decode_rows, decode_blocks  # [B], [B, blocks_max] (padding -> block 0)
-        self.decode_valid, self.decode_pos = decode_valid, decode_pos  # [B, S_max] bool, [B] query positions
+        # The batched rows: decode tokens and other short feeds (a speculative verification's k + 1 tokens), each
+        # sequence's queries over its own gathered blocks. decode_rows: their rows of the step, [B] (one query
+        # each), [B, n_max] (up to n_max each; ``decode_real`` [B, n_max] marks the real ones, padding repeats a
+        # row) or, packed first with one query each, a slice, which reads and writes them as a view.
+        self.decode_rows, self.decode_blocks = decode_rows, decode_blocks  # ..., [B, blocks_max] (padding -> block 0)
+        # [B, S_max] bool, and the query positions: [B] or [B, n_max]
+        self.decode_valid, self.decode_pos, self.decode_real = decode_valid, decode_pos, decode_real
         self.chunks = chunks
         self._decode_masks: dict[int | None, Tensor] = {}
 
     def _decode_mask(self, window: int | None) -> Tensor:
+        """[B, 1, n, S_max]: a query sees its sequence's keys up to its own position (within the window)."""
         if window not in self._decode_masks:
-            allowed = self.decode_valid
+            pos = self.decode_pos if self.decode_pos.dim() == 2 else self.decode_pos[:, None]  # [B, n]
+            k_pos = torch.arange(self.decode_valid.shape[1], device=pos.device)
+            allowed = self.decode_valid[:, None, :] & (k_pos <= pos[..., None])
             if window is not None:
-                k_pos = torch.arange(allowed.shape[1], device=allowed.device)[None]
-                allowed = allowed & (self.decode_pos[:, None] - k_pos < window)
-            self._decode_masks[window] = allowed[:, None, None, :]  # [B, 1, 1, S_max]
+                allowed = allowed & (pos[..., None] - k_pos < window)
+            self._decode_masks[window] = allowed[:, None]
         return self._decode_masks[window]
 
     def begin(self, attention_mask: Tensor) -> "PagedStep":
@@ -105,12 +115,18 @@ class PagedStep:
         y = torch.empty_like(q)
         b, s_max = self.decode_valid.shape
         if b:
-            qd = q[0][:, self.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            rows = self.decode_rows
+            several = isinstance(rows, Tensor) and rows.dim() == 2
+            qd = q[0][:, rows].transpose(0, 1)  # [B, H, n_max, D] or [B, H, D]
+            qd = qd if several else qd.unsqueeze(2)
             blocks = self.decode_blocks.flatten()
             kd = k_pool.index_select(0, blocks).view(b, s_max, *k_pool.shape[2:]).transpose(1, 2)  # [B, K, S_max, D]
             vd = v_pool.index_select(0, blocks).view(b, s_max, *v_pool.shape[2:]).transpose(1, 2)
             yd = attn.attention(qd, kd, vd, self._decode_mask(attn.window))
-            y[0][:, self.decode_rows] = yd.squeeze(2).transpose(0, 1)
+            if several:
+                y[0][:, rows[self.decode_real]] = yd.transpose(0, 1)[:, self.decode_real]
+            else:
+                y[0][:, rows] = yd.squeeze(2).transpose(0, 1)
         for c in self.chunks:
             total = c.start + c.n
             kc = k_pool.index_select(0, c.blocks).flatten(0, 1)[:total].transpose(0, 1).unsqueeze(0)  # [1, K, total, D]
@@ -150,10 +166,12 @@ class ModelRunner:
         model, bs = self.model, self.block_size
         device = model.device
         ids, q_pos, new_slots = [], [], []
-        decode_rows, decode_tables, decode_lens, chunks = [], [], [], []
-        # Decode tokens are packed first, so every layer reads and writes their rows as one slice.
-        order = sorted(range(len(feeds)), key=lambda i: len(feeds[i].tokens) > 1)
+        decode_tables, decode_lens, chunks = [], [], []
+        # Short feeds (decode tokens, speculative verifications) are packed first and attend as one batch; with one
+        # token each, every layer reads and writes their rows as one slice.
+        order = sorted(range(len(feeds)), key=lambda i: len(feeds[i].tokens) > SHORT_FEED_TOKENS)
         feed_rows: list[range] = [range(0)] * len(feeds)
+        short_rows: list[range] = []
         row = 0
         for i in order:
             feed = feeds[i]
@@ -164,8 +182,8 @@ class ModelRunner:
             slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:total]
             new_slots.append(slots[start:])
             q_pos.append(torch.arange(start, total))
-            if n == 1:
-                decode_rows.append(row)
+            if n <= SHORT_FEED_TOKENS:
+                short_rows.append(range(row, row + n))
                 decode_tables.append(table)
                 decode_lens.append(total)
             else:
@@ -183,9 +201,18 @@ class ModelRunner:
             padded[i, :len(x)] = x
         lens = torch.tensor(decode_lens, dtype=torch.long)
         valid = torch.arange(width * bs)[None] < lens[:, None]
+        n_max = max((len(r) for r in short_rows), default=1)
+        real = None
+        if n_max == 1:
+            decode_rows, query_pos = slice(0, len(short_rows)), lens - 1
+        else:  # [B, n_max]: each feed's rows, padded by repeating its last (masked out of the write-back)
+            decode_rows = torch.tensor([list(r) + [r[-1]] * (n_max - len(r)) for r in short_rows], dtype=torch.long)
+            real = torch.arange(n_max)[None] < torch.tensor([len(r) for r in short_rows])[:, None]
+            query_pos = (lens - torch.tensor([len(r) for r in short_rows]))[:, None] + torch.arange(n_max)[None]
+            query_pos = torch.minimum(query_pos, (lens - 1)[:, None])
+            decode_rows, real = decode_rows.to(device), real.to(device)
         step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
-                         slice(0, len(decode_rows)), padded.to(device), valid.to(device), (lens - 1).to(device),
-                         chunks)
+                         decode_rows, padded.to(device), valid.to(device), query_pos.to(device), chunks, real)
         hooks = self._steering_hooks(packed, len(ids))
         return model(**self._inputs(input_ids, packed), cache=step, logits_to_keep=torch.tensor(rows, **to),
                      hooks=hooks)[0].float()
