@@ -76,12 +76,16 @@ class Sampler:
                                   torch.tensor([p.top_p for p in sub], **f32),
                                   torch.tensor([p.min_p for p in sub], **f32))
             probs = x.softmax(-1)
-            # Gumbel-style argmax(p / E), E ~ Exp(1): one draw per row from that row's own generator.
-            noise = torch.empty_like(probs)
+            # Inverse CDF: one uniform per row from that row's own generator (not one draw per vocabulary entry),
+            # the first token whose cumulative probability exceeds it; right=True never lands on a filtered
+            # (zero-probability) token, whose cumulative sum equals its predecessor's.
+            u = torch.empty(len(sampled_rows), 1, **f32)
             for j, i in enumerate(sampled_rows):
-                noise[j].exponential_(generator=seqs[i].generator)
+                u[j] = torch.rand(1, generator=seqs[i].generator, device=device)
+            cdf = probs.cumsum(-1)
+            chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
             tokens = tokens.clone()
-            tokens[rows] = (probs / noise.clamp_(min=1e-20)).argmax(-1)
+            tokens[rows] = chosen.squeeze(-1)
         out = tokens.tolist()
         if not want_logprobs:
             return SampleResult(out, None, None)

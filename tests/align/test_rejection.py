@@ -33,8 +33,9 @@ def ask(text: str, answer: str = "yes") -> dict:
 
 
 def counts_reference(completion: str, reference: str) -> float:
-    """Prefers completions that contain the reference token, the more often the better."""
-    return float(completion.count(reference))
+    """Prefers completions made of the reference's letters, the more the better (graded, so it discriminates among
+    a random model's samples whatever they are)."""
+    return float(sum(completion.count(ch) for ch in set(reference)))
 
 
 CFG = RejectionConfig(n=8, max_new_tokens=6, temperature=1.5, seed=0)
