@@ -173,32 +173,32 @@ class ModelRunner:
         feed_rows: list[range] = [range(0)] * len(feeds)
         short_rows: list[range] = []
         row = 0
+        # Metadata in plain Python lists, one tensor each at the end: a step of 128 decode feeds would otherwise
+        # build hundreds of tiny tensors.
         for i in order:
             feed = feeds[i]
             start, n = feed.start, len(feed.tokens)
             total = start + n
             ids.extend(feed.tokens)
-            table = torch.tensor(feed.block_table[:-(-total // bs)], dtype=torch.long)
-            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:total]
-            new_slots.append(slots[start:])
-            q_pos.append(torch.arange(start, total))
+            table = feed.block_table[:-(-total // bs)]
+            new_slots.extend(table[p // bs] * bs + p % bs for p in range(start, total))
+            q_pos.extend(range(start, total))
             if n <= SHORT_FEED_TOKENS:
                 short_rows.append(range(row, row + n))
                 decode_tables.append(table)
                 decode_lens.append(total)
             else:
-                chunks.append(_Chunk(row, n, start, table.to(device)))
+                chunks.append(_Chunk(row, n, start, torch.tensor(table, dtype=torch.long, device=device)))
             row += n
             feed_rows[i] = range(row - feed.num_logits, row)
         rows = [r for span in feed_rows for r in span]  # logits back in the callers' feed order
         packed = [feeds[i] for i in order]
         to = dict(device=device, dtype=torch.long)
         input_ids = torch.tensor(ids, **to)[None]
-        positions = torch.cat(q_pos).to(device)
+        positions = torch.tensor(q_pos, **to)
         width = max((len(x) for x in decode_tables), default=0)
-        padded = torch.zeros(len(decode_tables), width, dtype=torch.long)
-        for i, x in enumerate(decode_tables):
-            padded[i, :len(x)] = x
+        padded = torch.tensor([x + [0] * (width - len(x)) for x in decode_tables], dtype=torch.long)
+        padded = padded.view(len(decode_tables), width)
         lens = torch.tensor(decode_lens, dtype=torch.long)
         valid = torch.arange(width * bs)[None] < lens[:, None]
         n_max = max((len(r) for r in short_rows), default=1)
@@ -211,7 +211,7 @@ class ModelRunner:
             query_pos = (lens - torch.tensor([len(r) for r in short_rows]))[:, None] + torch.arange(n_max)[None]
             query_pos = torch.minimum(query_pos, (lens - 1)[:, None])
             decode_rows, real = decode_rows.to(device), real.to(device)
-        step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.cat(new_slots).to(device),
+        step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.tensor(new_slots, **to),
                          decode_rows, padded.to(device), valid.to(device), query_pos.to(device), chunks, real)
         hooks = self._steering_hooks(packed, len(ids))
         return model(**self._inputs(input_ids, packed), cache=step, logits_to_keep=torch.tensor(rows, **to),
