@@ -295,7 +295,8 @@ class TokenPruning:
     ``layer`` see every token; in block ``layer - 1`` the attention the last token pays each other token (mean
     over heads, computed for that one query whatever attention path the layer takes) ranks the ``candidates``
     (image tokens), and blocks from ``layer`` on see only the non-candidates and the top ``keep`` share of each
-    row's candidates (at least one). Kept tokens keep their positions and KV slots; a dropped token's output is
+    row's candidates (at least one; ties go to the earlier tokens — a sliding-window block that cannot see the
+    images gives them all zero, so rank from a global-attention block there). Kept tokens keep their positions and KV slots; a dropped token's output is
     its hidden state after block ``layer - 1`` (nothing reads it: no label or next-token logit sits on an image
     token), and hooks from block ``layer`` on see the shorter sequence. Applies to a prefill from an empty cache
     (or without one); later tokens attend only to what was kept in those layers."""

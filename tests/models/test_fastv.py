@@ -30,6 +30,14 @@ def llava(tmp_path_factory):
     return load_model(save_tiny_vlm("llava", tmp_path_factory.mktemp("fastv_llava")))
 
 
+@pytest.fixture(scope="module")
+def gemma_llava(tmp_path_factory):
+    """A SigLIP + Gemma 2 LLaVA: soft-capped attention, and a sliding window (6) that bites on these prompts."""
+    path = tmp_path_factory.mktemp("fastv_gemma")
+    llava_tests.build_hf_llava("siglip_gemma2").save_pretrained(path)
+    return load_model(path)
+
+
 @pytest.fixture
 def fastv(llava):
     def set_keep(keep: float, layer: int = 1):
@@ -43,6 +51,21 @@ def fastv(llava):
 def batch(model):
     ids, mask, pixels = llava_tests.image_batch(model.config.num_image_tokens)
     return ids, mask, pixels
+
+
+class KeptTokensStep(ContiguousStep):
+    """Attention over the kept tokens alone, causal and windowed by their original positions (what a sliding window
+    means: the distance between positions, not between kept tokens)."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        super().__init__(positions, torch.ones_like(positions, dtype=torch.bool), 0, positions.shape[1], False)
+
+    def context(self, attn, k, v, layer):
+        pos = self.positions[0]
+        allowed = pos[None, :] <= pos[:, None]
+        if attn.window is not None:
+            allowed = allowed & (pos[:, None] - pos[None, :] < attn.window)
+        return k, v, allowed[None, None]
 
 
 def pruned_by_hand(model, embeds: torch.Tensor, ids: torch.Tensor, layer: int, keep: float) -> torch.Tensor:
@@ -62,25 +85,32 @@ def pruned_by_hand(model, embeds: torch.Tensor, ids: torch.Tensor, layer: int, k
         n = int(candidates.sum())
         kept = ~candidates
         if n:
-            top = scores.masked_fill(~candidates, float("-inf")).topk(max(1, round(n * keep))).indices
+            # ties (e.g. every image token outside a sliding window: all zero) go to the earlier tokens
+            order = scores.masked_fill(~candidates, float("-inf")).argsort(descending=True, stable=True)
+            top = order[:max(1, round(n * keep))]
             kept[top] = True
         x = seen[resid][:, kept]
         positions = torch.arange(len(ids))[kept][None]
         cos, sin = text._rope(positions, x.dtype)
-        ctx = ForwardContext(ContiguousStep(positions, torch.ones_like(positions, dtype=torch.bool), 0,
-                                            x.shape[1], False), None, False)
+        ctx = ForwardContext(KeptTokensStep(positions), None, False)
         for block in text.model.layers[layer:]:
             x = block(x, cos, sin, ctx)
         return text.unembed(text.model.norm(x[:, -1]))[0], int(kept.sum())
 
 
+@pytest.mark.parametrize("family", ["clip_llama", "siglip_gemma2"])
 @pytest.mark.parametrize("keep", [0.5, 0.1])
-def test_pruned_forward_equals_the_kept_tokens_run_alone(llava, fastv, keep):
+def test_pruned_forward_equals_the_kept_tokens_run_alone(llava, gemma_llava, family, keep):
+    llava = llava if family == "clip_llama" else gemma_llava
     ids, mask, pixels = batch(llava)
     with torch.no_grad():
         full = llava(ids, mask, pixel_values=pixels)[:, -1]
         embeds = llava.embed(ids, pixels)
-        ours = fastv(keep)(ids, mask, pixel_values=pixels)[:, -1]
+        llava.fastv_layer, llava.fastv_keep = 1, keep
+        try:
+            ours = llava(ids, mask, pixel_values=pixels)[:, -1]
+        finally:
+            llava.fastv_layer, llava.fastv_keep = 2, 1.0
     for row in range(ids.shape[0]):  # one image, two images (more candidates, fewer kept), none (nothing pruned)
         real = mask[row].bool()
         want, n_kept = pruned_by_hand(llava, embeds[row, real], ids[row, real], 1, keep)
