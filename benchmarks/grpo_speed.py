@@ -155,7 +155,8 @@ def main() -> None:
     print(f"\nGRPO, {args.prompts_per_step} prompts x {args.group_size} samples, <= {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps x {args.rounds} round(s) after a warm-up; "
           f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end:")
-    print(f"  {'':8} {'s/step':>7} {'generate':>9} {'rollout':>8} {'update':>7} {'rollout tok/s':>14} {'step tok/s':>11}")
+    print(f"  {'':8} {'s/step':>7} {'generate':>9} {'rollout':>8} {'update':>7} {'rollout tok/s':>14} "
+          f"{'step tok/s':>11}")
     summary = {}
     for name, res in results.items():
         step, gen, roll = med(res["step"]), med(res["generate"]), med(res["rollout"])

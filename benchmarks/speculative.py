@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
             if b not in best or row["speedup"] > best[b]["speedup"]:
                 best[b] = row
             print(f"| {b} | {k} | {row['plain_tok_s']:.1f} | {row['spec_tok_s']:.1f} | {row['speedup']:.2f}x | "
-                  f"{acc:.1%} | {per_round:.2f} | {'yes' if same else 'NO'} | {d_ms:.1f} / {t_ms:.1f} / {rest_ms:.1f} |")
+                  f"{acc:.1%} | {per_round:.2f} | {'yes' if same else 'NO'} | "
+                  f"{d_ms:.1f} / {t_ms:.1f} / {rest_ms:.1f} |")
     print(f"\nprojected speed-up at the teacher-forced agreement {alpha:.1%} (tokens per round "
           f"(1 - a^(k+1)) / (1 - a) at the measured ms per round; the greedy outputs above may be easier to guess "
           f"than natural text):")

@@ -61,6 +61,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll.view(labels.shape)
 
 
+def scatter_at(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values [N]`` at the True positions of ``mask [B, T]`` (row-major, as a boolean ``logits_to_keep`` orders
+    them) -> ``[B, T]``, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 def token_logprobs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``token_logprobs`` from logits computed at the labelled positions only: ``logits [N, vocab]`` for the N
     positions where ``labels [B, T]`` is not IGNORE_INDEX, row-major (what a model returns for the boolean
@@ -71,7 +77,7 @@ def token_logprobs_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         raise LmforgeError(f"logits {tuple(logits.shape)} are not one row per label of {tuple(labels.shape)} "
                            f"({int(keep.sum())} labels)")
     nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")
-    return torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, -nll)
+    return scatter_at(-nll, keep)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -365,5 +371,5 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
 
 
 __all__ = ["bradley_terry_loss", "dpo_loss", "gae", "group_advantages", "grpo_loss", "kl_penalty", "masked_mean",
-           "masked_sum", "ppo_policy_loss", "ppo_value_loss", "sequence_logprobs", "simpo_loss", "token_logprobs",
-           "token_logprobs_at", "whiten", "with_chosen_nll"]
+           "masked_sum", "ppo_policy_loss", "ppo_value_loss", "scatter_at", "sequence_logprobs", "simpo_loss",
+           "token_logprobs", "token_logprobs_at", "whiten", "with_chosen_nll"]

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from lmforge.align.grpo import _sequences
-from lmforge.align.losses import (gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_logprobs_at,
-                                  whiten)
+from lmforge.align.losses import (gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, scatter_at,
+                                  token_logprobs_at, whiten)
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
@@ -122,11 +122,6 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
     return float(1 - masked_mean((diff - masked_mean(diff, mask)) ** 2, mask) / var_r)
 
 
-def _at(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Values ``[N]`` at the True positions of ``mask [B, T]`` (row-major) -> ``[B, T]``, 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
-
-
 class PPOTrainer(OnPolicyTrainer):
     """PPO on ``prompts`` (records with chat ``messages``, plus ``answer`` for a reward function).
 
@@ -197,7 +192,7 @@ class PPOTrainer(OnPolicyTrainer):
         # Logits and values on the completion tokens only (the LM head skips the prompt and the padding).
         logits, values = self.forward_rows(batch, self.module, logits_to_keep=mask)
         logps = token_logprobs_at(logits, labels)
-        values = _at(values, mask)
+        values = scatter_at(values, mask)
         del logits
         if self.reference is not None:
             ref_logps = token_logprobs_at(self.forward_rows(batch, self.reference, logits_to_keep=mask), labels)
@@ -232,7 +227,7 @@ class PPOTrainer(OnPolicyTrainer):
         logits, values = outputs
         logps = token_logprobs_at(logits, mb["labels"])
         mask = mb["labels"] != IGNORE_INDEX
-        values = _at(values, mask)
+        values = scatter_at(values, mask)
         policy_loss, clip_frac, approx_kl = ppo_policy_loss(logps, mb["old_logps"], mb["advantages"], mask,
                                                             cfg.clip_eps)
         value_loss = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, cfg.value_clip_eps)

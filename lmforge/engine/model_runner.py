@@ -207,9 +207,9 @@ class ModelRunner:
             decode_rows, query_pos = slice(0, len(short_rows)), lens - 1
         else:  # [B, n_max]: each feed's rows, padded by repeating its last (masked out of the write-back)
             decode_rows = torch.tensor([list(r) + [r[-1]] * (n_max - len(r)) for r in short_rows], dtype=torch.long)
-            real = torch.arange(n_max)[None] < torch.tensor([len(r) for r in short_rows])[:, None]
-            query_pos = (lens - torch.tensor([len(r) for r in short_rows]))[:, None] + torch.arange(n_max)[None]
-            query_pos = torch.minimum(query_pos, (lens - 1)[:, None])
+            counts = torch.tensor([len(r) for r in short_rows])
+            real = torch.arange(n_max)[None] < counts[:, None]
+            query_pos = torch.minimum((lens - counts)[:, None] + torch.arange(n_max)[None], (lens - 1)[:, None])
             decode_rows, real = decode_rows.to(device), real.to(device)
         step = PagedStep(positions[None], self.k_pool, self.v_pool, torch.tensor(new_slots, **to),
                          decode_rows, padded.to(device), valid.to(device), query_pos.to(device), chunks, real)

@@ -456,5 +456,6 @@ def load_llava(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     return model.eval() if quant is None else quantize_model(model, quant)
 
 
-__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "set_visual_tokens", "VISUAL_TOKEN_METHODS", "LLAVA_TEXT_MODEL_TYPES", "load_llava",
-           "is_llava_directory", "read_llava_config", "llava_weight_map", "text_decoder", "hub_name"]
+__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "set_visual_tokens", "VISUAL_TOKEN_METHODS",
+           "LLAVA_TEXT_MODEL_TYPES", "load_llava", "is_llava_directory", "read_llava_config", "llava_weight_map",
+           "text_decoder", "hub_name"]

@@ -296,10 +296,10 @@ class TokenPruning:
     over heads, computed for that one query whatever attention path the layer takes) ranks the ``candidates``
     (image tokens), and blocks from ``layer`` on see only the non-candidates and the top ``keep`` share of each
     row's candidates (at least one; ties go to the earlier tokens — a sliding-window block that cannot see the
-    images gives them all zero, so rank from a global-attention block there). Kept tokens keep their positions and KV slots; a dropped token's output is
-    its hidden state after block ``layer - 1`` (nothing reads it: no label or next-token logit sits on an image
-    token), and hooks from block ``layer`` on see the shorter sequence. Applies to a prefill from an empty cache
-    (or without one); later tokens attend only to what was kept in those layers."""
+    images gives them all zero, so rank from a global-attention block there). Kept tokens keep their positions and
+    KV slots; a dropped token's output is its hidden state after block ``layer - 1`` (nothing reads it: no label or
+    next-token logit sits on an image token), and hooks from block ``layer`` on see the shorter sequence. Applies
+    to a prefill from an empty cache (or without one); later tokens attend only to what was kept in those layers."""
 
     layer: int
     keep: float
@@ -308,8 +308,9 @@ class TokenPruning:
 
     def check(self, config: Config, b: int, t: int) -> None:
         if not 1 <= self.layer < config.num_layers:
-            raise LmforgeError(f"token pruning after layer {self.layer}: the layer must be in 1..{config.num_layers - 1} "
-                               f"(the ranking is read from the attention of the block before it)")
+            raise LmforgeError(f"token pruning after layer {self.layer}: the layer must be in "
+                               f"1..{config.num_layers - 1} (the ranking is read from the attention of the block "
+                               "before it)")
         if not 0 < self.keep <= 1:
             raise LmforgeError(f"token pruning keeps a share in (0, 1] of the candidates, got {self.keep}")
         if tuple(self.candidates.shape) != (b, t):
@@ -339,7 +340,8 @@ class TokenPruning:
         count = candidates.sum(1)
         keep_n = torch.where(count > 0, (count * self.keep).round().clamp(min=1), count).long()
         order = self.scores.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
         kept = ~candidates | (rank < keep_n[:, None])
         # Each row: its dropped tokens, then its kept ones, both in order; the last T' entries are the kept tokens
         # behind as many dropped ones as the row dropped beyond the row that dropped fewest (they pad, masked out).
