@@ -14,3 +14,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """One tiny random CLIP + Llama LLaVA directory (weights, image processor, tokenizer), saved once for every test
+    that only reads it; each test module loads its own model from it."""
+    from .models.test_quant_vlm import save_tiny_vlm
+
+    return save_tiny_vlm("llava", tmp_path_factory.mktemp("tiny_llava"))

@@ -28,9 +28,8 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    path = save_tiny_vlm("llava", tmp_path_factory.mktemp("engine_llava"))
-    return load_model(path), load_processor(path)
+def llava(tiny_llava_dir):
+    return load_model(tiny_llava_dir), load_processor(tiny_llava_dir)
 
 
 def picture(i: int):

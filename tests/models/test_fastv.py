@@ -15,7 +15,6 @@ from lmforge.models.generate import generate
 from lmforge.models.model import ContiguousStep, ForwardContext, TokenPruning
 
 from . import test_llava as llava_tests
-from .test_quant_vlm import save_tiny_vlm
 
 pytest.importorskip("transformers")
 
@@ -26,8 +25,8 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return load_model(save_tiny_vlm("llava", tmp_path_factory.mktemp("fastv_llava")))
+def llava(tiny_llava_dir):
+    return load_model(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +167,19 @@ def test_fastv_errors(llava, fastv):
 
 
 @pytest.mark.parametrize("spec", ["fastv:0.5@1", "hired:0.25", "tome:0.5"])
-def test_cli_generate_with_visual_tokens(llava, tmp_path_factory, capsys, spec):
+def test_cli_generate_with_visual_tokens(tiny_llava_dir, tmp_path, capsys, spec):
     """`lmforge generate --image --visual-tokens SPEC` prints what `generate` gives the model with that switch."""
     from lmforge.cli import main
     from lmforge.data.image_processor import load_processor
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.llava import set_visual_tokens
 
-    path = tmp_path_factory.mktemp("fastv_cli")
-    save_tiny_vlm("llava", path)
+    path = tiny_llava_dir
     image = llava_tests.drawn_images()[0]
-    image.save(path / "cat.png")
+    image.save(tmp_path / "cat.png")
     prompt = "USER: <image> what is this ? ASSISTANT:"
     capsys.readouterr()
-    assert main(["generate", "--model", str(path), "--max-new-tokens", "5", "--image", str(path / "cat.png"),
+    assert main(["generate", "--model", str(path), "--max-new-tokens", "5", "--image", str(tmp_path / "cat.png"),
                  "--visual-tokens", spec, "--prompt", prompt]) == 0
     printed = capsys.readouterr().out
     model, processor = load_model(path), load_processor(path)

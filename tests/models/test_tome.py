@@ -20,7 +20,6 @@ from lmforge.models.vision import (VisionAttention, VisionConfig, VisionTransfor
                                    merge_tokens)
 
 from . import test_llava as llava_tests
-from .test_quant_vlm import save_tiny_vlm
 
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -34,10 +33,9 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+def llava(tiny_llava_dir):
     """The tiny CLIP + Llama LLaVA: 16 patches and a class token, 3 vision blocks, features after the second."""
-    path = save_tiny_vlm("llava", tmp_path_factory.mktemp("tome_llava"))
-    return load_model(path), load_processor(path)
+    return load_model(tiny_llava_dir), load_processor(tiny_llava_dir)
 
 
 def tower(class_token: bool = True, layers: int = 3) -> VisionTransformer:

@@ -14,7 +14,6 @@ from lmforge.errors import LmforgeError
 from lmforge.models.generate import generate
 
 from . import test_llava as llava_tests
-from .test_quant_vlm import save_tiny_vlm
 
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -26,9 +25,8 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    path = save_tiny_vlm("llava", tmp_path_factory.mktemp("budget_llava"))
-    return path, load_model(path), load_processor(path)
+def llava(tiny_llava_dir):
+    return tiny_llava_dir, load_model(tiny_llava_dir), load_processor(tiny_llava_dir)
 
 
 def pixels(n: int = 2) -> torch.Tensor:

@@ -15,7 +15,6 @@ from lmforge.models.generate import generate
 from lmforge.serve.limits import ServerLimits
 
 from ..engine.test_images import picture  # the drawn test images, one per index
-from ..models.test_quant_vlm import save_tiny_vlm
 from .tiny_server import running
 
 openai = pytest.importorskip("openai")
@@ -35,11 +34,11 @@ def chat(url: str, text: str = "what is this ?") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_llava_dir):
     from lmforge.engine.engine import Engine
     from lmforge.serve.server import build_app
 
-    path = save_tiny_vlm("llava", tmp_path_factory.mktemp("serve_llava"))
+    path = tiny_llava_dir
     engine = Engine(path, block_size=4, max_num_batched_tokens=64)
     processor = load_processor(path)
     limits = ServerLimits(max_images=2, max_image_pixels=80 * 80)
