@@ -12,7 +12,9 @@ the checkpoint's vocabulary, a quarter of its width and a sixth of its depth.
 Prints, measured in this one run:
   1. throughput (output tokens/s) and time-to-first-token p50/p99 for 32 requests that all arrive at t=0:
      the engine (continuous batching, chunked prefill) vs transformers `generate` over static batches of
-     --hf-batch requests in arrival order (a batch runs until its longest request is done);
+     --hf-batch requests in arrival order (a batch runs until its longest request is done); the engine twice,
+     on the dense weights and on oneDNN-packed ones (``lmforge.models.packed``, what `lmforge serve` and
+     ``Engine(path)`` run on a CPU), each one's ratio to the baseline; parts 2 and 3 run packed;
   2. the prefix cache's gain when every request shares a 512-token system prompt;
   3. speculative decoding in the engine with a smaller draft model, at concurrency 1 and 4 (greedy, output
      checked identical to plain decoding); random weights never agree, so this is the overhead bound, and
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from lmforge import load_model
+    from lmforge.models.packed import pack_linears
 
     def llama(hidden: int, layers: int, seed: int):
         cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
@@ -172,22 +175,36 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. mixed-length requests, all at t=0
     max_prompt = 256 if not args.quick else 64
     reqs = make_requests(args.requests, args.vocab, 0, 16, max_prompt, 8, args.max_out)
-    run_engine(ours, reqs[:2], max_num_batched_tokens=512)  # warm-up (allocator, first-call paths), not timed
+    dense = ours
+    ours = load_model(args.model if args.model is not None else tmp / "target")
+    pack_linears(ours)  # what `lmforge serve` runs on a CPU; parts 2 and 3 use it too
+    for model in (dense, ours):
+        run_engine(model, reqs[:2], max_num_batched_tokens=512)  # warm-up (allocator, first-call paths), not timed
     run_hf(hf, reqs[:2], 2)
-    eng = run_engine(ours, reqs, max_num_batched_tokens=512, max_num_seqs=args.requests)
+    eng_dense = run_engine(dense, reqs, max_num_batched_tokens=512, max_num_seqs=args.requests)
     ref = run_hf(hf, reqs, args.hf_batch)
+    eng = run_engine(ours, reqs, max_num_batched_tokens=512, max_num_seqs=args.requests)
     results["mixed"] = {"lmforge": {k: v for k, v in eng.items() if k != "ttft"},
+                        "lmforge_dense_weights": {k: v for k, v in eng_dense.items() if k != "ttft"},
                         "transformers": {k: v for k, v in ref.items() if k != "ttft"}}
     print(f"\n1. {args.requests} mixed-length requests (prompts 16-{max_prompt}, outputs 8-{args.max_out} tokens), all at t=0")
-    print(f"{'':28}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'total s':>9}")
-    for name, r in (("lmforge engine", eng), (f"transformers, batches of {args.hf_batch}", ref)):
-        print(f"{name:28}{r['tok_s']:10.1f}{pct(r['ttft'], 50):10.2f}{pct(r['ttft'], 99):10.2f}{r['seconds']:9.1f}")
+    print(f"{'':34}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'total s':>9}{'vs static':>10}")
+    for name, r in (("lmforge engine, packed weights", eng), ("lmforge engine, dense weights", eng_dense),
+                    (f"transformers, batches of {args.hf_batch}", ref)):
+        print(f"{name:34}{r['tok_s']:10.1f}{pct(r['ttft'], 50):10.2f}{pct(r['ttft'], 99):10.2f}{r['seconds']:9.1f}"
+              f"{r['tok_s'] / ref['tok_s']:9.2f}x")
     speed = eng["tok_s"] / ref["tok_s"]
     results["mixed"]["throughput_ratio"] = speed
+    results["mixed"]["throughput_ratio_dense_weights"] = eng_dense["tok_s"] / ref["tok_s"]
     results["mixed"]["ttft_p50_ratio"] = pct(ref["ttft"], 50) / pct(eng["ttft"], 50)
     results["mixed"]["ttft_p99_ratio"] = pct(ref["ttft"], 99) / pct(eng["ttft"], 99)
-    print(f"throughput ratio lmforge/transformers: {speed:.2f}x; TTFT p50 {results['mixed']['ttft_p50_ratio']:.2f}x "
-          f"lower, p99 {results['mixed']['ttft_p99_ratio']:.2f}x lower")
+    same = (run_engine(ours, reqs[:4], keep_outputs=True)["outputs"]
+            == run_engine(dense, reqs[:4], keep_outputs=True)["outputs"])
+    results["mixed"]["packed_outputs_identical"] = same
+    print(f"throughput ratio lmforge (packed)/transformers: {speed:.2f}x (dense weights "
+          f"{results['mixed']['throughput_ratio_dense_weights']:.2f}x); TTFT p50 "
+          f"{results['mixed']['ttft_p50_ratio']:.2f}x lower, p99 {results['mixed']['ttft_p99_ratio']:.2f}x lower; packed vs dense greedy outputs identical "
+          f"on 4 requests: {same}")
 
     # 2. shared system prompt
     rng = random.Random(1)
@@ -208,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     draft_hf = llama(draft_hidden, draft_layers, 1)
     draft_hf.save_pretrained(tmp / "draft")
     draft = load_model(tmp / "draft")
+    pack_linears(draft)
     k = args.spec_k
     print(f"\n3. speculative decoding in the engine (greedy, k={k}), draft {draft_layers} layer(s) x {draft_hidden} "
           f"({sum(x.numel() for x in draft_hf.parameters()) / 1e6:.1f}M params), {args.max_out} tokens per request")

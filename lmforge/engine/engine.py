@@ -95,8 +95,13 @@ class Engine:
                  enable_prefix_caching: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, max_model_len: int | None = None,
                  kv_cache_bytes: int | None = None, draft_model: Transformer | str | Path | None = None,
-                 num_speculative_tokens: int = 4, kv_cache_dtype: str = "auto", kv_residual_length: int = 0) -> None:
-        """``kv_cache_dtype``: "auto" (the model's dtype), or a quantized KV cache (``kv_quant``): "kivi2" /
+                 num_speculative_tokens: int = 4, kv_cache_dtype: str = "auto", kv_residual_length: int = 0,
+                 packed_weights: bool | None = None) -> None:
+        """``packed_weights``: give the float32 linears a oneDNN-packed copy of their weights
+        (``lmforge.models.packed``: matmuls of 4-32 rows 1.1-1.7x faster on a CPU, one more copy of the weights
+        in memory). None (default): for a model the engine loads itself from a path; True also swaps a model
+        object's linears in place (training it still works: the copy is re-packed after an update).
+        ``kv_cache_dtype``: "auto" (the model's dtype), or a quantized KV cache (``kv_quant``): "kivi2" /
         "kivi4" (KIVI: keys per channel over each block's tokens, values per token, 2/4 bits) or "int8"
         (per token). A sequence's partly filled block, plus ``kv_residual_length`` tokens (whole blocks) of
         full ones behind it, stay in full precision. ``kv_cache_bytes`` then budgets the quantized bytes plus
@@ -125,10 +130,12 @@ class Engine:
                                    f"{type(model).__name__}")
             self.vision_model, model = model.eval(), decoder
         self.model = model.eval()
+        self.packed_weights = self._pack(model, packed_weights, owned=not isinstance(model_or_path, nn.Module))
         self.draft = None
         if draft_model is not None:
             draft = draft_model.to(model.device) if isinstance(draft_model, Transformer) else \
                 load_model(draft_model, dtype=dtype, device=model.device)
+            self._pack(draft, packed_weights, owned=not isinstance(draft_model, nn.Module))
             if draft.config.vocab_size != model.config.vocab_size:
                 raise LmforgeError(f"draft model vocabulary ({draft.config.vocab_size}) differs from the target's "
                                    f"({model.config.vocab_size}); speculative decoding needs the same tokenizer")
@@ -181,6 +188,18 @@ class Engine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "prompt_computed_tokens": 0, "computed_tokens": 0,
                       "generated_tokens": 0,
                       "draft_proposed": 0, "draft_accepted": 0}
+
+    @staticmethod
+    def _pack(model: Transformer, packed_weights: bool | None, owned: bool) -> bool:
+        from lmforge.models.packed import is_packed, pack_linears, packing_available
+
+        if packed_weights is None:
+            param = next(model.parameters())
+            packed_weights = owned and packing_available() and param.dtype == torch.float32 \
+                and param.device.type == "cpu"
+        if packed_weights and not is_packed(model):
+            pack_linears(model)
+        return packed_weights
 
     _grammar_lock = threading.Lock()  # a server builds the backend on a worker thread, not the engine's
 

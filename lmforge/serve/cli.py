@@ -30,6 +30,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-residual-length", type=int, default=0, metavar="TOKENS",
                    help="with a quantized KV cache: full blocks of recent tokens kept in full precision besides "
                         "the partly filled one (a multiple of --block-size; default 0)")
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="on a CPU with float32 weights the linears get a oneDNN-packed copy (decode steps of several "
+                        "requests 1.1-1.7x faster per matmul, one more copy of the weights in memory); this turns "
+                        "it off")
     p.add_argument("--draft-model", default=None,
                    help="smaller model with the same tokenizer for speculative decoding (HF directory)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per step")
@@ -54,7 +58,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
           draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
           kv_cache_dtype=args.kv_cache_dtype, kv_residual_length=args.kv_residual_length,
-          dtype=getattr(torch, args.dtype), shutdown_timeout=args.shutdown_timeout,
+          packed_weights=False if args.no_packed_weights else None, dtype=getattr(torch, args.dtype),
+          shutdown_timeout=args.shutdown_timeout,
           steering_vectors=steering_vectors, limits=limits_from_args(args))
     return 0
 
