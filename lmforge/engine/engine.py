@@ -24,7 +24,7 @@ from torch import nn
 
 from lmforge.data.tokenizer import IncrementalDecoder
 from lmforge.errors import LmforgeError
-from lmforge.models.device import pick_device
+from lmforge.models.device import keep_freed_cpu_memory, pick_device
 from lmforge.models.generate import token_id_list
 from lmforge.models.model import Transformer
 from lmforge.models.thinking import ThinkingBudget
@@ -131,6 +131,8 @@ class Engine:
             self.vision_model, model = model.eval(), decoder
         self.model = model.eval()
         self.packed_weights = self._pack(model, packed_weights, owned=not isinstance(model_or_path, nn.Module))
+        if model.device.type == "cpu":
+            keep_freed_cpu_memory()  # every step's temporaries would otherwise be page-faulted in afresh
         self.draft = None
         if draft_model is not None:
             draft = draft_model.to(model.device) if isinstance(draft_model, Transformer) else \
