@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.align.losses import group_advantages, grpo_loss, token_logprobs_at
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.errors import ConfigError
+from lmforge.models.model import KVCache, Transformer
 
 
 @dataclass
@@ -102,9 +104,9 @@ class GRPOTrainer(OnPolicyTrainer):
         # optimizer step per rollout the sampling policy is the one being updated, unchanged until that step:
         # ``objective`` takes its log-probs (detached) from the update's own forward instead of a second one.
         if not self.single_update:
-            batch["old_logps"] = self.completion_logprobs(batch, self.model)
+            batch["old_logps"] = self.group_logprobs(batch, self.model, prompts, completions)
         if self.reference is not None:
-            batch["ref_logps"] = self.completion_logprobs(batch, self.reference)
+            batch["ref_logps"] = self.group_logprobs(batch, self.reference, prompts, completions)
         new_tokens = sum(len(c) for c in completions)
         stats = {"reward": float(r[valid].mean()) if valid.any() else math.nan,
                  "solved_groups": float((r.nan_to_num(0).amax(1) > 0).float().mean()),
@@ -121,6 +123,47 @@ class GRPOTrainer(OnPolicyTrainer):
         """``module``'s log-probs of the completion tokens ``[B, T]`` (0 elsewhere); the LM head runs on them only."""
         labels = batch["labels"]
         return token_logprobs_at(self.forward_rows(batch, module, logits_to_keep=labels != IGNORE_INDEX), labels)
+
+    def group_logprobs(self, batch: dict[str, torch.Tensor], module, prompts: list[list[int]],
+                       completions: list[list[int]]) -> torch.Tensor:
+        """``completion_logprobs`` computing each group's prompt once (no gradients): the prompts (left-padded)
+        fill a KV cache, its rows are repeated ``group_size`` times, and the completions run on it. A group's G
+        rows share a prompt of ~30 tokens and their completions are a few tokens each, so the full-row forward
+        spent most of its work on G copies of the prompt. Falls back to the full rows for a wrapped module
+        (DDP/FSDP) or a group of one."""
+        g = self.cfg.group_size
+        if g == 1 or type(module) is not Transformer or not completions:
+            return self.completion_logprobs(batch, module)
+        unique = prompts[::g]
+        width, longest = max(len(p) for p in unique), max(len(c) for c in completions)
+        if longest == 0:
+            return torch.zeros(batch["labels"].shape, device=self.device)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(unique):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        cache = KVCache(module.config, len(unique), width + longest, self.device, module.dtype)
+        first = self.harness.forward({"input_ids": ids, "attention_mask": mask}, module, cache=cache,
+                                     logits_to_keep=1)[:, -1]  # [P, vocab]: each completion's first token
+        cache.repeat_rows(g)
+        comp = torch.full((len(completions), longest), self.pad_id, dtype=torch.long)
+        real = torch.zeros_like(comp, dtype=torch.bool)
+        for i, c in enumerate(completions):
+            comp[i, :len(c)], real[i, :len(c)] = torch.tensor(c, dtype=torch.long), True
+        comp_logps = torch.zeros(comp.shape, device=self.device)
+        rows = real[:, 0].nonzero().flatten()
+        comp_logps[rows, 0] = -F.cross_entropy(first.float().repeat_interleave(g, 0)[rows.to(self.device)],
+                                               comp[rows, 0].to(self.device), reduction="none")
+        if longest > 1:
+            keep = real[:, 1:]  # position j of the completion predicts its token j + 1
+            logits = self.harness.forward({"input_ids": comp[:, :-1], "attention_mask": real[:, :-1].long()},
+                                          module, cache=cache, logits_to_keep=keep)
+            comp_logps[:, 1:][keep.to(self.device)] = -F.cross_entropy(
+                logits.float(), comp[:, 1:][keep].to(self.device), reduction="none")
+        out = torch.zeros(batch["labels"].shape, device=self.device)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            out[i, len(p) - 1:len(p) - 1 + len(c)] = comp_logps[i, :len(c)]
+        return out
 
     def forward_kwargs(self, minibatch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"logits_to_keep": minibatch["labels"] != IGNORE_INDEX}  # logits [N, vocab] on the completions

@@ -242,6 +242,16 @@ class KVCache:
     def is_pruned(self, layer: int) -> bool:
         return self.pruned_from is not None and layer >= self.pruned_from
 
+    def repeat_rows(self, n: int) -> None:
+        """Each row becomes ``n`` consecutive rows (in place): ``n`` continuations of one cached prefix, e.g. the
+        G samples of a GRPO prompt scored after computing the prompt once."""
+        if self.cross_attention is not None or self.pruned_from is not None:
+            raise LmforgeError("repeat_rows: a cache with cross-attention inputs or pruned tokens is not repeated")
+        self.keys = [k.repeat_interleave(n, 0) for k in self.keys]
+        self.values = [v.repeat_interleave(n, 0) for v in self.values]
+        self.valid = self.valid.repeat_interleave(n, 0)
+        self.next_position = self.next_position.repeat_interleave(n, 0)
+
     def valid_for(self, layer: int) -> Tensor:
         """[B, max_len] which slots layer ``layer`` holds a real token in."""
         return self.valid_pruned if self.is_pruned(layer) else self.valid

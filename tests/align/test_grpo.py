@@ -158,6 +158,9 @@ class _OldFormulaGRPO(GRPOTrainer):
 
         return token_logprobs(self.harness.forward(batch, module), batch["labels"])
 
+    def group_logprobs(self, batch, module, prompts, completions):
+        return self.completion_logprobs(batch, module)  # every row's whole prompt + completion, G times
+
     def forward_kwargs(self, minibatch):
         return {}
 
@@ -174,12 +177,16 @@ class _OldFormulaGRPO(GRPOTrainer):
 @pytest.mark.parametrize("updates_per_batch,mini_batch_size", [(1, None), (2, 4)])
 def test_fast_path_matches_the_old_formula(tok, tmp_path, updates_per_batch, mini_batch_size):
     """LM head on completions only, no padding mask, and (one update per rollout) the old log-probs taken from
-    the update's own forward: the same samples, losses and weights as the plain formula, step after step."""
+    the update's own forward: the same samples, losses and weights as the plain formula, step after step.
+    (Computing each group's prompt once is tested on its own below: its log-probs differ from the full rows' by
+    rounding, ~5e-7, and a step whose advantages are all zero then has a KL gradient of ~1e-8 instead of exactly 0,
+    which Adam turns into a full-size step: the weights would part here for that reason alone.)"""
     cfg = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, beta=0.05, seed=0,
                save_every=0, progress=False, updates_per_batch=updates_per_batch, mini_batch_size=mini_batch_size)
     prompts = [{"messages": [{"role": "user", "content": "Answer yes or no." + " maybe" * i}], "answer": "yes"}
                for i in range(4)]  # prompts of different lengths: rows with padding
     new = GRPOTrainer(tiny_model(), tok, prompts, starts_lowercase, GRPOConfig(**cfg), tmp_path / "new")
+    new.group_logprobs = lambda batch, module, prompts, completions: new.completion_logprobs(batch, module)
     old = _OldFormulaGRPO(tiny_model(), tok, prompts, starts_lowercase, GRPOConfig(**cfg), tmp_path / "old")
     assert new.single_update == (updates_per_batch == 1) and not old.single_update
     b_new, b_old = new.rollout(0), old.rollout(0)
@@ -198,3 +205,24 @@ def test_fast_path_matches_the_old_formula(tok, tmp_path, updates_per_batch, min
     for (name, p), q in zip(new.model.named_parameters(), old.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(new.model.parameters(), tiny_model().parameters()))
+
+
+def test_group_logprobs_compute_each_prompt_once_and_match_the_full_rows(tok, tmp_path):
+    cfg = GRPOConfig(steps=1, prompts_per_step=3, group_size=4, max_new_tokens=6, beta=0.05, seed=0, save_every=0,
+                     progress=False)
+    prompts = [{"messages": [{"role": "user", "content": "Answer yes or no." + " maybe" * i}], "answer": "yes"}
+               for i in range(3)]
+    trainer = GRPOTrainer(tiny_model(), tok, prompts, starts_lowercase, cfg, tmp_path)
+    _, rows, _ = trainer.prompts_of(0, repeat=cfg.group_size)
+    completions, _, _ = trainer.sample(rows, 0)
+    completions[1] = []  # an empty completion (a sample that ended at once) has no labels
+    batch = trainer.to_device(_sequences(rows, completions, trainer.pad_id))
+    seen = []
+    trainer.reference.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("input_ids", a[0] if a else None)),
+                                                with_kwargs=True)
+    grouped = trainer.group_logprobs(batch, trainer.reference, rows, completions)
+    assert seen[0].shape[0] == len(prompts)  # the prompts ran once each, not group_size times
+    full = trainer.completion_logprobs(batch, trainer.reference)
+    mask = batch["labels"] != IGNORE_INDEX
+    torch.testing.assert_close(grouped[mask], full[mask], rtol=0, atol=1e-5)
+    assert (grouped[~mask] == 0).all()
