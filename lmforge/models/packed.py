@@ -11,7 +11,7 @@ inductor's CPU weight freezing does. Here it is a module swap, so eager code, th
 A ``PackedLinear`` is an ``nn.Linear`` (same Parameter objects, so tied weights stay tied, the state dict and
 training are unchanged) that also holds the packed copy: one more copy of every linear weight in memory. It
 uses the copy only where it is faster (measured on a 2-core x86 CPU, ``benchmarks/serving.py`` and the rows
-below): without autograd, and for calls with >= 16 rows, or >= 4 rows on a matrix of >= 1M entries; one-row
+below): without autograd or autocast, and for calls with >= 16 rows, or >= 4 rows on a matrix of >= 1M entries; one-row
 decode GEMVs are 15-35% slower packed. An in-place update of the weight (an optimizer step, ``load_state_dict``)
 bumps its version counter and the copy is re-packed on the next call, so a model that is trained between
 generations (RL) never runs on a stale copy.
@@ -72,9 +72,9 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows < self._min_rows or x.dtype != torch.float32 or (torch.is_grad_enabled() and (
-                x.requires_grad or self.weight.requires_grad)):
-            return F.linear(x, self.weight, self.bias)
+        if rows < self._min_rows or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)  # autocast's precision and autograd are the dense op's
         bias = None if self.bias is None else self.bias.detach()
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed_weight(), bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)

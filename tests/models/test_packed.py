@@ -107,3 +107,14 @@ def test_engine_packs_what_it_loads_and_nothing_else(llama_dir):
     a = [o.outputs[0].token_ids for o in owned.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in shared.generate(prompts, params)]
     assert a == b
+
+
+def test_autocast_takes_the_dense_op():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64)
+    packed = PackedLinear.of(linear)
+    x = torch.randn(PACKED_MIN_ROWS, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed(x).dtype == linear(x).dtype == torch.bfloat16
+        assert torch.equal(packed(x), linear(x))
+    assert packed._packed is None  # never packed: every call so far took the dense op
