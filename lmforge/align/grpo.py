@@ -142,7 +142,8 @@ class GRPOTrainer(OnPolicyTrainer):
         mask = torch.zeros_like(ids)
         for i, p in enumerate(unique):
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-        cache = KVCache(module.config, len(unique), width + longest, self.device, module.dtype)
+        # Under autocast the projections (so the stored keys/values) come out in the autocast dtype.
+        cache = KVCache(module.config, len(unique), width + longest, self.device, self.harness.autocast or module.dtype)
         first = self.harness.forward({"input_ids": ids, "attention_mask": mask}, module, cache=cache,
                                      logits_to_keep=1)[:, -1]  # [P, vocab]: each completion's first token
         cache.repeat_rows(g)
