@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.losses import group_advantages, grpo_loss, token_logprobs_at
+from lmforge.align.losses import group_advantages, grpo_loss, scatter_at, token_logprobs_at
 from lmforge.align.rewards import RewardFn
 from lmforge.align.rl import OnPolicyTrainer, RLConfig, Rollout
 from lmforge.data.sft import IGNORE_INDEX
@@ -161,10 +161,8 @@ class GRPOTrainer(OnPolicyTrainer):
                                           module, cache=cache, logits_to_keep=keep)
             comp_logps[:, 1:][keep.to(self.device)] = -F.cross_entropy(
                 logits.float(), comp[:, 1:][keep].to(self.device), reduction="none")
-        out = torch.zeros(batch["labels"].shape, device=self.device)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            out[i, len(p) - 1:len(p) - 1 + len(c)] = comp_logps[i, :len(c)]
-        return out
+        # Row by row, a completion's tokens are its labels in order (``_sequences``): the same row-major order.
+        return scatter_at(comp_logps[real.to(self.device)], batch["labels"] != IGNORE_INDEX)
 
     def forward_kwargs(self, minibatch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"logits_to_keep": minibatch["labels"] != IGNORE_INDEX}  # logits [N, vocab] on the completions

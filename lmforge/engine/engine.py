@@ -193,12 +193,10 @@ class Engine:
 
     @staticmethod
     def _pack(model: Transformer, packed_weights: bool | None, owned: bool) -> bool:
-        from lmforge.models.packed import is_packed, pack_linears, packing_available
+        from lmforge.models.packed import is_packed, pack_linears, why_not_packable
 
         if packed_weights is None:
-            param = next(model.parameters())
-            packed_weights = owned and packing_available() and param.dtype == torch.float32 \
-                and param.device.type == "cpu"
+            packed_weights = owned and why_not_packable(model) is None
         if packed_weights and not is_packed(model):
             pack_linears(model)
         return packed_weights

@@ -644,6 +644,12 @@ class MoE(nn.Module):
         return out.view(shape)
 
 
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``root.get_submodule(name)`` is (module swaps: quantization, LoRA, packed weights)."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
 def load_balancing_loss(router_logits: list[Tensor], top_k: int, attention_mask: Tensor | None = None) -> Tensor:
     """Switch-Transformer auxiliary loss: E * sum_e (fraction of tokens routed to e) * (mean router prob of e).
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
+from lmforge.models.model import replace_submodule
 
 # When the packed copy wins (median of 40 calls, 2 threads; dense MKL vs packed oneDNN): 768x768 is 0.7x at
 # 1 row, 0.9x at 8, 1.35x at 17; 2048x768 and 768x2048 are 0.8x at 1 row, 1.4-1.7x at 4-17 rows; every shape
@@ -48,18 +49,10 @@ class PackedLinear(nn.Linear):
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise LmforgeError(f"packed weights are for float32 on CPU; this linear is {weight.dtype} on "
                                f"{weight.device}")
-        packed = cls.__new__(cls)
-        nn.Module.__init__(packed)
-        packed.in_features, packed.out_features = linear.in_features, linear.out_features
-        packed.weight, packed.bias = linear.weight, linear.bias  # the same Parameters: tying and training intact
-        packed._hooks_from(linear)
+        packed = _same_parameters(cls, linear)
         packed._packed, packed._packed_version = None, -1
         packed._min_rows = PACKED_MIN_ROWS_LARGE if weight.numel() >= LARGE_WEIGHT else PACKED_MIN_ROWS
         return packed
-
-    def _hooks_from(self, linear: nn.Linear) -> None:
-        self._forward_hooks.update(linear._forward_hooks)
-        self._forward_pre_hooks.update(linear._forward_pre_hooks)
 
     def packed_weight(self) -> Tensor:
         """The packed copy, re-packed if the weight changed in place since it was made."""
@@ -80,37 +73,47 @@ class PackedLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
     def unpacked(self) -> nn.Linear:
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight, linear.bias = self.weight, self.bias
-        linear._forward_hooks.update(self._forward_hooks)
-        linear._forward_pre_hooks.update(self._forward_pre_hooks)
-        return linear
+        return _same_parameters(nn.Linear, self)
+
+
+def _same_parameters(kind: type, linear: nn.Linear) -> nn.Linear:
+    """A ``kind`` (nn.Linear or PackedLinear) holding ``linear``'s own weight and bias Parameters and hooks."""
+    out = kind.__new__(kind)
+    nn.Module.__init__(out)
+    out.in_features, out.out_features = linear.in_features, linear.out_features
+    out.weight, out.bias = linear.weight, linear.bias  # the same Parameters: tying and training intact
+    out._forward_hooks.update(linear._forward_hooks)
+    out._forward_pre_hooks.update(linear._forward_pre_hooks)
+    return out
 
 
 def _swap(model: nn.Module, kind: type, make) -> int:
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is kind:  # exact type: LoRA wrappers and quantized linears are left alone
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, make(module))
-            swapped += 1
-    return swapped
+    # exact type: LoRA wrappers and quantized linears are left alone
+    swapped = [(name, module) for name, module in model.named_modules() if type(module) is kind]
+    for name, module in swapped:
+        replace_submodule(model, name, make(module))
+    return len(swapped)
+
+
+def why_not_packable(model: nn.Module) -> str | None:
+    """None when ``pack_linears(model)`` applies (oneDNN in this torch, a float32 model on CPU), else why not."""
+    if not packing_available():
+        return "packed weights need PyTorch built with oneDNN (torch.backends.mkldnn)"
+    param = next(model.parameters(), None)
+    if param is not None and (param.dtype != torch.float32 or param.device.type != "cpu"):
+        return f"packed weights are for float32 models on CPU; this one is {param.dtype} on {param.device}"
+    return None
 
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every float32 CPU ``nn.Linear`` of ``model`` for a ``PackedLinear`` (in place); returns how many.
 
-    Costs one more copy of every linear weight in memory. A model that is not float32 on CPU, or a torch
-    without oneDNN, is an error: the packed layout is only faster there.
+    Costs one more copy of every linear weight in memory. A model ``why_not_packable`` names a reason for is an
+    error: the packed layout is only faster for float32 on a CPU with oneDNN.
     """
-    if not packing_available():
-        raise LmforgeError("packed weights need PyTorch built with oneDNN (torch.backends.mkldnn)")
-    param = next(model.parameters(), None)
-    if param is not None and (param.dtype != torch.float32 or param.device.type != "cpu"):
-        raise LmforgeError(f"packed weights are for float32 models on CPU; this one is {param.dtype} on "
-                           f"{param.device}")
+    reason = why_not_packable(model)
+    if reason is not None:
+        raise LmforgeError(reason)
     return _swap(model, nn.Linear, PackedLinear.of)
 
 

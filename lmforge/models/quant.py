@@ -601,6 +601,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     if decoder is not None:
         dequantize_model(decoder)
         return model
+    from lmforge.models.model import replace_submodule
+
     dtype = model.model.embed_tokens.weight.dtype
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantizedLinear):
@@ -610,8 +612,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         linear.weight = nn.Parameter(module.weight.to(dtype))
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.to(dtype))
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+        replace_submodule(model, name, linear)
     if hasattr(model, "quantization"):
         del model.quantization
     return model

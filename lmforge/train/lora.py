@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.io import atomic_directory, read_json_object
 from lmforge.models.checkpoint import weight_map
+from lmforge.models.model import replace_submodule
 from lmforge.models.quant import QuantConfig, QuantizedLinear, dequantize_model, quantization_of, quantize_model
 
 ALL_LINEAR = "all-linear"
@@ -233,11 +234,9 @@ def _match_base_quantization(model: nn.Module, config: LoraConfig) -> None:
 
 def _wrap(model: nn.Module, names: list[str], config: LoraConfig) -> None:
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, attr)
+        base = model.get_submodule(name)
         layer = QLoraLinear if isinstance(base, QuantizedLinear) else LoraLinear
-        setattr(parent, attr, layer(base, config.r, config.alpha, config.dropout, config.use_dora))
+        replace_submodule(model, name, layer(base, config.r, config.alpha, config.dropout, config.use_dora))
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
@@ -286,8 +285,7 @@ def merge_lora(model: nn.Module) -> None:
         if bias is not None and not isinstance(bias, nn.Parameter):  # a quantized base's bias is a buffer
             bias = nn.Parameter(bias, requires_grad=False)
         linear.bias = bias
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+        replace_submodule(model, name, linear)
     if quantization_of(model) is not None:
         dequantize_model(model)
 
